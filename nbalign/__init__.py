@@ -1,0 +1,38 @@
+"""nbalign: fine-tune and align language models from a Jupyter notebook.
+
+`%load_ext nbalign` registers the magics; the same things are plain functions here. Importing nbalign is
+cheap: torch, transformers and TRL load on first use.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "lora", "sft", "runs", "generate", "Run", "NbalignError", "session", "load_ipython_extension", "__version__",
+]
+
+_LAZY = {
+    "lora": ("api", "lora"),
+    "sft": ("api", "sft"),
+    "runs": ("api", "runs"),
+    "generate": ("api", "generate"),
+    "Run": ("runs", "Run"),
+    "NbalignError": ("errors", "NbalignError"),
+    "session": ("session", "session"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'nbalign' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython):
+    from .magics import load_ipython_extension as _load
+
+    _load(ipython)

@@ -1,0 +1,102 @@
+"""The public, IPython-free API. Every magic is one call of a function here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .runs import Run, list_runs
+from .session import session
+from .specs import BUILTIN_MODEL, AdapterSpec, SFTSpec
+
+
+@dataclass
+class AdapterReport:
+    """What a %%lora setting costs on a model: trainable parameters and the memory of the base weights."""
+
+    adapter: AdapterSpec
+    model: str
+    trainable: int
+    total: int
+    base_bytes: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        dtype = "NF4 4-bit" if self.adapter.quantize else "fp32 on CPU/MPS, bf16 on CUDA halves it"
+        return (
+            f"nbalign: {self.adapter.describe()} for every later training cell (on {self.model}):\n"
+            f"  trainable parameters {self.trainable:,} of {self.total:,} ({100 * self.share:.2f}%)\n"
+            f"  base weights about {self.base_bytes / 2**20:,.0f} MiB ({dtype})"
+        )
+
+    __repr__ = __str__
+
+
+def lora(
+    r: int = 16,
+    alpha: int | None = None,
+    dropout: float = 0.05,
+    target_modules: Any = "all-linear",
+    quantize: str | None = None,
+    type: str = "lora",
+    model: str = BUILTIN_MODEL,
+) -> AdapterReport:
+    """Set how later training cells update the weights (what `%%lora` does), and report what it costs on
+    `model`: trainable parameters, their share, and the memory the base weights take. The report is
+    computed on the meta device (no weights are read), so it is instant."""
+    spec = AdapterSpec(type=type, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, quantize=quantize)
+    report = adapter_report(spec, model)
+    session.adapter = spec
+    return report
+
+
+def adapter_report(spec: AdapterSpec, model: str = BUILTIN_MODEL) -> AdapterReport:
+    from .models import apply_adapter, check_targets, resolve, skeleton
+
+    ref = resolve(model)
+    skel = skeleton(ref)
+    check_targets(skel, spec, model)
+    base_bytes = _base_bytes(skel, spec)
+    total = sum(p.numel() for p in skel.parameters())
+    wrapped = apply_adapter(skel, spec, seed=0) if spec.type != "full" else skel
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    if spec.type != "full":
+        total = sum(p.numel() for p in wrapped.parameters())
+    return AdapterReport(spec, model, trainable, total, base_bytes)
+
+
+def _base_bytes(skel, spec: AdapterSpec) -> int:
+    """Bytes of the frozen base: fp32 here (bf16 on CUDA), or NF4 linear layers with double-quantised
+    absmax (0.5 byte per weight + 1/64 byte per block scale + fp32 second-level scales) for QLoRA."""
+    import torch
+
+    quantized = 0
+    if spec.quantize:
+        for name, module in skel.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+                quantized += module.weight.numel()
+    total = sum(p.numel() for p in skel.parameters())
+    return int((total - quantized) * 4 + quantized * (0.5 + 1 / 64 + 4 / (64 * 256)))
+
+
+def sft(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
+    """Supervised fine-tuning (what `%%sft` does). `options` are SFTSpec fields or any TRL SFTConfig field."""
+    from .methods.sft import sft as run_sft
+
+    spec = SFTSpec.from_dict({"data": data, "model": model, "out": out, **options}, passthrough=True)
+    return run_sft(spec)
+
+
+def runs(root: str = "runs"):
+    """Past runs under `root`, newest first (what `%nbalign runs` shows)."""
+    return list_runs(root)
+
+
+def generate(model: str, prompt: Any, max_new_tokens: int = 128, **kwargs):
+    """Text from any model or run folder (the base model, for before/after comparisons)."""
+    from .generation import generate as _generate
+
+    return _generate(model, prompt, max_new_tokens=max_new_tokens, **kwargs)

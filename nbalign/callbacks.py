@@ -1,0 +1,171 @@
+"""TrainerCallbacks: metrics.jsonl, a live progress bar and loss curve, and clean kernel interrupts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class MetricsWriter(TrainerCallback):
+    """Appends every logged step to metrics.jsonl (flushed per line, so a crash keeps what was logged)."""
+
+    def __init__(self, run_path: Path):
+        self.file = Path(run_path) / "metrics.jsonl"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}
+        with self.file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+
+
+def in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class LiveProgress(TrainerCallback):
+    """A progress bar with ETA and a loss curve, updated in place in a notebook (text on a terminal)."""
+
+    def __init__(self, title: str, min_interval: float = 1.0):
+        self.title = title
+        self.min_interval = min_interval
+        self.rows: list[dict] = []
+        self.notebook = in_notebook()
+        self._bar = self._plot = None
+        self._last_bar = self._last_plot = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_time = time.time()
+        self.start_step = state.global_step
+        if self.notebook:
+            from IPython.display import HTML, display
+
+            self._bar = display(HTML(self._bar_html(state)), display_id=True)
+            self._plot = display(HTML(""), display_id=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.time()
+        if now - self._last_bar >= self.min_interval or state.global_step >= state.max_steps:
+            self._last_bar = now
+            self._show_bar(state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            self.rows.append({"step": state.global_step, **logs})
+        now = time.time()
+        if self.notebook and now - self._last_plot >= 2 * self.min_interval:
+            self._last_plot = now
+            self._show_plot()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._show_bar(state)
+        if self.notebook:
+            self._show_plot()
+        else:
+            sys.stderr.write("\n")
+
+    def _eta(self, state) -> tuple[float, float]:
+        elapsed = time.time() - self.start_time
+        done = state.global_step - self.start_step
+        left = state.max_steps - state.global_step
+        return elapsed, (elapsed / done * left) if done > 0 else float("nan")
+
+    def _last_loss(self) -> str:
+        loss = next((r["loss"] for r in reversed(self.rows) if "loss" in r), None)
+        return f"loss {loss:.4f}" if loss is not None else ""
+
+    def _bar_html(self, state) -> str:
+        import html
+
+        total = max(state.max_steps, 1)
+        pct = 100.0 * state.global_step / total
+        elapsed, eta = self._eta(state) if hasattr(self, "start_time") else (0.0, float("nan"))
+        eta_s = _duration(eta) if eta == eta else "--:--"
+        return (
+            f"<div style='font-family:monospace'>{html.escape(self.title)} "
+            f"<progress value='{state.global_step}' max='{total}' style='width:40%'></progress> "
+            f"{state.global_step}/{total} [{_duration(elapsed)} &lt; {eta_s}] {self._last_loss()}</div>"
+        )
+
+    def _show_bar(self, state):
+        if self.notebook and self._bar is not None:
+            from IPython.display import HTML
+
+            self._bar.update(HTML(self._bar_html(state)))
+        elif not self.notebook:
+            total = max(state.max_steps, 1)
+            elapsed, eta = self._eta(state)
+            filled = int(30 * state.global_step / total)
+            eta_s = _duration(eta) if eta == eta else "--:--"
+            sys.stderr.write(
+                f"\r{self.title} [{'#' * filled}{'.' * (30 - filled)}] {state.global_step}/{total} "
+                f"{_duration(elapsed)}<{eta_s} {self._last_loss()}   "
+            )
+            sys.stderr.flush()
+
+    def _show_plot(self):
+        from IPython.display import Image
+
+        from .plots import loss_png
+
+        png = loss_png(self.rows)
+        if png and self._plot is not None:
+            self._plot.update(Image(png))
+
+
+class InterruptGuard:
+    """While active, the first SIGINT (Ctrl-C, or the notebook's interrupt button) asks training to stop at
+    the end of the current step, so a checkpoint and the adapter are saved; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nnbalign: interrupt received - stopping after this step and saving (interrupt again to stop now).",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        return False
+
+
+class StopOnInterrupt(TrainerCallback):
+    def __init__(self, guard: InterruptGuard):
+        self.guard = guard
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.guard.requested:
+            control.should_save = True
+            control.should_training_stop = True

@@ -1,0 +1,192 @@
+"""IPython magics: parse the line options and YAML body into a spec, resolve notebook names, call the API,
+display. No training logic lives here. Options are generated from the spec dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import typing
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+from .errors import NbalignError, unknown_option
+from .specs import AdapterSpec, SFTSpec, Spec, _base_type
+
+# Spec fields whose value may name a notebook variable.
+NAMESPACE_FIELDS = {"data", "eval_data"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as NbalignError (one paragraph) instead of exiting the kernel."""
+
+    def error(self, message):
+        if "unrecognized arguments" in message:
+            bad = message.split(":", 1)[1].split()[0].lstrip("-")
+            valid = [a.option_strings[-1].lstrip("-") for a in self._actions if a.option_strings]
+            raise unknown_option(bad, valid, self.prog)
+        raise NbalignError(f"{self.prog}: {message}.", f"see `{self.prog} --help`.")
+
+    def exit(self, status=0, message=None):
+        raise _HelpShown()
+
+
+class _HelpShown(Exception):
+    pass
+
+
+def build_parser(spec_cls: type[Spec], prog: str, description: str, extra: bool = True) -> _Parser:
+    """Line options from the spec's fields: `--learning-rate 2e-4`, booleans as `--packing/--no-packing`."""
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        epilog="Every option can also be given in the YAML body (learning_rate: 2.0e-4); the line wins when "
+        "both set it." + (" The body also takes any TRL config field." if extra else ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=True,
+    )
+    hints = typing.get_type_hints(spec_cls)
+    for f in dataclasses.fields(spec_cls):
+        if not f.metadata.get("line", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        base, _ = _base_type(hints[f.name])
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+    parser.add_argument("-o", "--output-var", dest="_output_var", default=None, metavar="VAR",
+                        help="store the result in this notebook variable")
+    return parser
+
+
+def parse_cell(parser: _Parser, line: str, cell: str | None) -> tuple[dict, str | None]:
+    """Merge the YAML body with the line options (line wins); returns (values, output variable)."""
+    import yaml
+
+    body: dict = {}
+    if cell and cell.strip():
+        try:
+            loaded = yaml.safe_load(cell)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise NbalignError(
+                f"{parser.prog}: the cell body is not valid YAML{where} ({getattr(exc, 'problem', exc)}).",
+                "write one `key: value` per line, e.g. `epochs: 3`; quote values that contain ': ' or '#'.",
+            ) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise NbalignError(
+                f"{parser.prog}: the cell body must be `key: value` lines, got {type(loaded).__name__}.",
+                "write one option per line, e.g. `epochs: 3`.",
+            )
+        body = {str(k).replace("-", "_"): v for k, v in (loaded or {}).items()}
+    try:
+        args = parser.parse_args(shlex.split(line or ""))
+    except ValueError as exc:  # shlex: unbalanced quotes
+        raise NbalignError(f"{parser.prog}: cannot read the line options ({exc}).", "balance the quotes.") from None
+    given = {k: v for k, v in vars(args).items() if v is not None and not k.startswith("_")}
+    return {**body, **given}, args._output_var
+
+
+def _magic_doc(parser: _Parser) -> str:
+    return parser.format_help()
+
+
+LORA_PARSER = build_parser(
+    AdapterSpec, "%%lora",
+    "Set how every later training cell updates the weights: LoRA, DoRA, QLoRA (quantize: 4bit) or full.\n"
+    "Prints the trainable parameters, their share, and the memory the base weights take.\n\n"
+    "  %%lora\n  r: 16\n  alpha: 32\n  target_modules: all-linear   # or [q_proj, v_proj]",
+    extra=False,
+)
+LORA_PARSER.add_argument("--model", dest="_model", default=None,
+                         help="model to report the cost on (default: smollm2-135m)")
+SFT_PARSER = build_parser(
+    SFTSpec, "%%sft",
+    "Supervised fine-tuning on demonstrations: `messages`, `prompt`+`completion`, or Alpaca columns.\n"
+    "Uses the session's %%lora setting. Returns a Run (shown as a summary).\n\n"
+    "  %%sft --data chats --out runs/json-sft -o run\n  epochs: 3\n  learning_rate: 2.0e-4",
+)
+NBALIGN_USAGE = """%nbalign runs [ROOT]   list past runs (default ROOT: runs)
+%nbalign lora          show the session's adapter setting
+%nbalign reset         back to the default adapter; free the model kept for generation
+%nbalign help          this help; `%%lora --help`, `%%sft --help` for each magic"""
+
+
+@magics_class
+class NbalignMagics(Magics):
+    def _resolve_names(self, values: dict) -> dict:
+        ns = self.shell.user_ns if self.shell is not None else {}
+        for key in NAMESPACE_FIELDS:
+            value = values.get(key)
+            if isinstance(value, str) and value.isidentifier() and value in ns:
+                values[key] = ns[value]
+        return values
+
+    def _store(self, var: str | None, result) -> None:
+        if var:
+            if not var.isidentifier():
+                raise NbalignError(f"-o: '{var}' is not a valid variable name.", "use e.g. -o run.")
+            self.shell.user_ns[var] = result
+
+    @cell_magic
+    def lora(self, line, cell=None):
+        from . import api
+
+        try:
+            values, var = parse_cell(LORA_PARSER, line, cell)
+            model = values.pop("_model", None)
+            spec = AdapterSpec.from_dict(values)
+            report = api.lora(**spec.to_dict(), **({"model": model} if model else {}))
+        except _HelpShown:
+            return None
+        print(report)
+        self._store(var, report)
+        return None
+
+    @cell_magic
+    def sft(self, line, cell=None):
+        from . import api
+
+        try:
+            values, var = parse_cell(SFT_PARSER, line, cell)
+        except _HelpShown:
+            return None
+        values = self._resolve_names(values)
+        result = api.sft(**values)
+        self._store(var, result)
+        return result
+
+    @line_magic
+    def nbalign(self, line):
+        from . import api
+        from .session import session
+
+        words = shlex.split(line or "")
+        command = words[0] if words else "help"
+        if command == "runs":
+            return api.runs(words[1] if len(words) > 1 else "runs")
+        if command == "lora":
+            print(f"nbalign: {session.adapter.describe()}")
+            return None
+        if command == "reset":
+            session.reset()
+            print(f"nbalign: back to {session.adapter.describe()}; no model kept in memory.")
+            return None
+        if command in ("help", "-h", "--help"):
+            print(NBALIGN_USAGE)
+            return None
+        raise unknown_option(command, ["runs", "lora", "reset", "help"], "%nbalign")
+
+
+# `%%sft?` shows the same text as `%%sft --help`.
+NbalignMagics.lora.__doc__ = _magic_doc(LORA_PARSER)
+NbalignMagics.sft.__doc__ = _magic_doc(SFT_PARSER)
+NbalignMagics.nbalign.__doc__ = NBALIGN_USAGE
+
+
+def load_ipython_extension(ipython) -> None:
+    ipython.register_magics(NbalignMagics)

