@@ -9,11 +9,12 @@ from .session import session
 
 def load_for_inference(model: str):
     """(model, tokenizer) for a model name or run folder: parents merged, eval mode, on the best device."""
-    from .models import load_model, load_tokenizer, pick_device, resolve
+    from .models import load_model, load_tokenizer, pick_device, quiet, resolve
 
     ref = resolve(model)
     device = pick_device()
-    loaded = load_model(ref, device)
+    with quiet():
+        loaded = load_model(ref, device)
     loaded.eval()
     return loaded, load_tokenizer(ref)
 

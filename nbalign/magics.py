@@ -8,7 +8,7 @@ import dataclasses
 import shlex
 import typing
 
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from .errors import NbalignError, unknown_option
 from .specs import AdapterSpec, SFTSpec, Spec, _base_type
@@ -22,8 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         if "unrecognized arguments" in message:
-            bad = message.split(":", 1)[1].split()[0].lstrip("-")
-            valid = [a.option_strings[-1].lstrip("-") for a in self._actions if a.option_strings]
+            bad = message.split(":", 1)[1].split()[0]
+            valid = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
             raise unknown_option(bad, valid, self.prog)
         raise NbalignError(f"{self.prog}: {message}.", f"see `{self.prog} --help`.")
 
@@ -132,7 +132,8 @@ class NbalignMagics(Magics):
                 raise NbalignError(f"-o: '{var}' is not a valid variable name.", "use e.g. -o run.")
             self.shell.user_ns[var] = result
 
-    @cell_magic
+    # Line-and-cell magics: `%lora --r 8` and `%sft --help` work on one line, `%%` takes a YAML body.
+    @line_cell_magic
     def lora(self, line, cell=None):
         from . import api
 
@@ -147,7 +148,7 @@ class NbalignMagics(Magics):
         self._store(var, report)
         return None
 
-    @cell_magic
+    @line_cell_magic
     def sft(self, line, cell=None):
         from . import api
 

@@ -3,11 +3,13 @@ dtype, 4-bit quantization and adapters."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,3 +355,23 @@ def free_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+@contextlib.contextmanager
+def quiet():
+    """Hide library chatter during a run (weight-loading and dataset-map bars, deprecation notices):
+    the live progress display is the one thing a user should watch."""
+    import datasets
+    import transformers
+
+    bars_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+        if bars_on:
+            datasets.enable_progress_bars()

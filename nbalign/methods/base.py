@@ -7,7 +7,6 @@ happens, with no traceback left holding tensors.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -15,7 +14,6 @@ import shutil
 import sys
 import traceback
 import typing
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,28 +134,10 @@ def _resume_spec(spec: TrainSpec, out: Path) -> TrainSpec:
     return spec.replace(data=data)
 
 
-@contextlib.contextmanager
-def quiet():
-    """Hide library chatter during a run (weight-loading and dataset-map bars, deprecation notices):
-    the live progress display is the one thing a user should watch."""
-    import datasets
-    import transformers
-
-    bars_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        transformers.utils.logging.enable_progress_bar()
-        if bars_on:
-            datasets.enable_progress_bars()
-
-
 def run(method: Method, spec: TrainSpec) -> Run:
     """Check, write, train, save; return the Run (finished or interrupted). Failures raise NbalignError."""
+    from ..models import quiet
+
     with quiet():
         return _run(method, spec)
 

@@ -1,0 +1,129 @@
+"""The magics are parsers: assert on the spec each one builds, with the engine patched out."""
+
+import subprocess
+import sys
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+from nbalign.errors import NbalignError
+from nbalign.specs import SFTSpec
+
+
+@pytest.fixture
+def ip():
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "nbalign")
+    yield shell
+    shell.user_ns.pop("run", None)
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Replace the SFT engine: record the spec the magic built."""
+    specs = []
+
+    def fake_engine(spec):
+        specs.append(spec)
+        return "RUN"
+
+    monkeypatch.setattr("nbalign.methods.sft.sft", fake_engine)
+    return specs
+
+
+def test_sft_magic_builds_the_spec_from_line_and_body(ip, captured):
+    ip.user_ns["chats"] = [{"prompt": "a", "completion": "b"}]
+    result = ip.run_cell_magic(
+        "sft", "--data chats --out runs/x -o run --epochs 2 --no-packing",
+        "learning_rate: 2e-4\nbatch_size: 4\nweight_decay: 0.1\nepochs: 5\n",
+    )
+    (spec,) = captured
+    assert isinstance(spec, SFTSpec)
+    assert spec.data is ip.user_ns["chats"]  # a notebook variable, resolved by name
+    assert spec.out == "runs/x"
+    assert spec.epochs == 2.0  # the line wins over the body
+    assert spec.learning_rate == pytest.approx(2e-4) and spec.batch_size == 4 and spec.packing is False
+    assert spec.trl == {"weight_decay": 0.1}  # a TRL SFTConfig field, passed through
+    assert spec.model == "smollm2-135m"
+    assert result == "RUN" and ip.user_ns["run"] == "RUN"
+
+
+def test_sft_magic_takes_a_path_when_no_variable_has_that_name(ip, captured):
+    ip.run_cell_magic("sft", "--data data/chats.jsonl --model runs/sft1", "lora: {r: 4}")
+    assert captured[0].data == "data/chats.jsonl" and captured[0].model == "runs/sft1"
+    assert captured[0].lora == {"r": 4}
+
+
+def test_lora_magic_sets_the_session_adapter_and_reports_cost(ip, capsys):
+    from nbalign.session import session
+
+    ip.run_cell_magic("lora", "", "r: 8\nalpha: 16\ntarget_modules: [q_proj, v_proj]\n")
+    assert session.adapter.r == 8 and session.adapter.target_modules == ["q_proj", "v_proj"]
+    out = capsys.readouterr().out
+    # SmolLM2-135M: 30 layers x (q: 576->576, v: 576->192) -> 30 * 8 * (576+576 + 576+192) = 460,800
+    assert "trainable parameters 460,800" in out and "base weights about" in out
+
+
+@pytest.mark.parametrize("magic", ["lora", "sft"])
+def test_help_renders_for_every_magic(ip, capsys, magic):
+    for cell in (f"%{magic} --help", f"%%{magic} --help\n# options go here\n"):
+        assert ip.run_cell(cell).success
+        text = capsys.readouterr().out
+        assert f"usage: %%{magic}" in text and ("--out" in text if magic == "sft" else "--r R" in text), text
+    # `%%sft?` shows the same help (the magic's docstring).
+    doc = ip.find_cell_magic(magic).__doc__
+    assert "usage:" in doc and "--help" in doc
+
+
+def test_nbalign_line_magic(ip, capsys, tmp_path):
+    ip.run_line_magic("nbalign", "help")
+    assert "%nbalign runs" in capsys.readouterr().out
+    frame = ip.run_line_magic("nbalign", f"runs {tmp_path}")
+    assert list(frame.columns)[:3] == ["run", "method", "model"] and len(frame) == 0
+
+
+@pytest.mark.parametrize(
+    "line, cell, message",
+    [
+        ("--data x --epocs 3", "", "did you mean '--epochs'"),
+        ("--data x --model", "epochs: 1", "--model: expected one argument"),
+        ("--data x", "epochs: [3\n", "not valid YAML at line"),
+        ("--data x", "- just a list", "must be `key: value` lines"),
+        ("--data x", "epochs: many", "'epochs' must be a float"),
+        ("", "", "no training data"),
+    ],
+)
+def test_bad_input_is_one_paragraph_without_traceback(ip, captured, capsys, line, cell, message):
+    result = ip.run_cell(f"%%sft {line}\n{cell}" if cell else f"%sft {line}")
+    assert isinstance(result.error_in_exec, NbalignError)
+    assert not captured
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert message.replace("\\", "") in text or pytest.fail(text)
+    assert "Traceback" not in text and text.count("\n") <= 3
+
+
+def test_unknown_trl_field_is_rejected_with_the_nearest_name(ip, tiny_model, in_tmp):
+    # Checked against TRL's SFTConfig before anything is written or loaded.
+    (in_tmp / "x.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    result = ip.run_cell(f"%%sft --data x.jsonl --model {tiny_model}\nlr_scheduler_typ: cosine\n")
+    assert "did you mean 'lr_scheduler_type'" in str(result.error_in_exec)
+    assert not (in_tmp / "runs").exists()
+
+
+def test_load_ext_is_fast_and_loads_no_heavy_library():
+    code = (
+        "import sys, time; t = time.time()\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "ip = InteractiveShell.instance(); t = time.time()\n"
+        "ip.run_line_magic('load_ext', 'nbalign')\n"
+        "dt = time.time() - t\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
+        "print(heavy, dt)\n"
+        "assert not heavy, heavy\n"
+        "assert ip.find_cell_magic('sft') and ip.find_cell_magic('lora') and ip.find_line_magic('nbalign')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    heavy, seconds = out.stdout.rsplit(" ", 1)
+    assert float(seconds) < 1.0

@@ -1,0 +1,67 @@
+import pytest
+
+from nbalign.errors import NbalignError
+from nbalign.specs import AdapterSpec, SFTSpec
+
+
+def test_yaml_strings_are_coerced_to_field_types():
+    # PyYAML reads 2e-4 as a string; the spec must still get a float.
+    spec = SFTSpec.from_dict({"data": "x.jsonl", "learning_rate": "2e-4", "epochs": "2", "packing": "yes"})
+    assert spec.learning_rate == pytest.approx(2e-4)
+    assert spec.epochs == 2.0 and spec.packing is True
+
+
+def test_unknown_key_without_passthrough_names_the_nearest_field():
+    with pytest.raises(NbalignError, match="did you mean 'alpha'"):
+        AdapterSpec.from_dict({"alpah": 8})
+
+
+def test_unknown_keys_pass_through_to_trl_for_methods():
+    spec = SFTSpec.from_dict({"data": "x.jsonl", "warmup_ratio": 0.1}, passthrough=True)
+    assert spec.trl == {"warmup_ratio": 0.1}
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"r": 0}, "'r' must be at least 1"),
+        ({"dropout": 1.5}, "'dropout' must be in"),
+        ({"type": "prefix"}, "'type' must be one of"),
+        ({"quantize": "3bit"}, "'quantize' must be one of"),
+        ({"type": "full", "quantize": "4bit"}, "full fine-tuning cannot train 4-bit"),
+        ({"r": "many"}, "'r' must be an int"),
+    ],
+)
+def test_adapter_spec_rejects_bad_values_with_a_fix(values, message):
+    with pytest.raises(NbalignError, match=message) as info:
+        AdapterSpec.from_dict(values)
+    assert "Fix:" in str(info.value)
+
+
+def test_adapter_spec_accepts_comma_separated_targets_and_defaults_alpha_to_twice_r():
+    spec = AdapterSpec.from_dict({"target_modules": "q_proj, v_proj", "r": 4})
+    assert spec.target_modules == ["q_proj", "v_proj"]
+    assert spec.scaling_alpha == 8
+    assert "QLoRA" in AdapterSpec(quantize="4BIT").describe()
+
+
+def test_train_spec_checks():
+    with pytest.raises(NbalignError, match="no training data"):
+        SFTSpec.from_dict({})
+    with pytest.raises(NbalignError, match="contradict"):
+        SFTSpec.from_dict({"data": "x", "resume": True, "overwrite": True})
+    with pytest.raises(NbalignError, match="'epochs' must be positive"):
+        SFTSpec.from_dict({"data": "x", "epochs": 0})
+
+
+def test_spec_is_json_serialisable_with_in_memory_data_fingerprinted():
+    import json
+
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": ["a"], "completion": ["b"]})
+    d1 = SFTSpec(data=frame).to_dict()
+    d2 = SFTSpec(data=frame.copy()).to_dict()
+    json.dumps(d1)
+    assert d1["data"]["rows"] == 1 and d1["data"]["fingerprint"] == d2["data"]["fingerprint"]
+    assert SFTSpec(data=pd.DataFrame({"prompt": ["a"], "completion": ["c"]})).to_dict()["data"] != d1["data"]
