@@ -9,13 +9,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    "lora", "sft", "runs", "generate", "Run", "NbalignError", "session", "load_ipython_extension", "__version__",
+    "lora", "sft", "list_runs", "generate", "Run", "NbalignError", "session", "load_ipython_extension", "__version__",
 ]
 
 _LAZY = {
     "lora": ("api", "lora"),
     "sft": ("api", "sft"),
-    "runs": ("api", "runs"),
+    "list_runs": ("api", "list_runs"),
     "generate": ("api", "generate"),
     "Run": ("runs", "Run"),
     "NbalignError": ("errors", "NbalignError"),

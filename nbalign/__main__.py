@@ -43,7 +43,7 @@ def main(argv=None) -> int:
             return demo(args.out, args.epochs)
         import nbalign
 
-        print(nbalign.runs(args.root).to_string())
+        print(nbalign.list_runs(args.root).to_string())
         return 0
     except NbalignError as exc:
         print(f"nbalign: {exc.message}", file=sys.stderr)

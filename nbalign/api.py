@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .runs import Run, list_runs
+from .runs import Run
+from .runs import list_runs as _list_runs
 from .session import session
 from .specs import BUILTIN_MODEL, AdapterSpec, SFTSpec
 
@@ -90,9 +91,9 @@ def sft(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **
     return run_sft(spec)
 
 
-def runs(root: str = "runs"):
+def list_runs(root: str = "runs"):
     """Past runs under `root`, newest first (what `%nbalign runs` shows)."""
-    return list_runs(root)
+    return _list_runs(root)
 
 
 def generate(model: str, prompt: Any, max_new_tokens: int = 128, **kwargs):

@@ -169,7 +169,7 @@ class NbalignMagics(Magics):
         words = shlex.split(line or "")
         command = words[0] if words else "help"
         if command == "runs":
-            return api.runs(words[1] if len(words) > 1 else "runs")
+            return api.list_runs(words[1] if len(words) > 1 else "runs")
         if command == "lora":
             print(f"nbalign: {session.adapter.describe()}")
             return None

@@ -1,0 +1,199 @@
+"""The engine on a tiny random Llama: run folders, adapters, interrupts, resume, errors, memory."""
+
+import json
+import os
+import signal
+
+import pytest
+from helpers import chats, live_models
+
+import nbalign
+from nbalign.errors import NbalignError
+from nbalign.runs import read_metrics
+
+
+def says_ok(answers) -> int:
+    return sum(a.startswith("OK") for a in answers)
+
+
+def test_sft_teaches_heldout_answers_and_writes_a_complete_run_folder(tiny_model, in_tmp):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nbalign.generation import generate_with
+
+    train, heldout = chats(24)[:16], chats(24)[16:]
+    prompts = [row["messages"][0]["content"] for row in heldout]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    before = generate_with(AutoModelForCausalLM.from_pretrained(tiny_model), tokenizer, prompts, max_new_tokens=3)
+
+    nbalign.lora(r=8, model=tiny_model)
+    run = nbalign.sft(train, model=tiny_model, out="runs/t", epochs=3, batch_size=4, learning_rate=3e-2)
+
+    assert run.status == "finished"
+    folder = in_tmp / "runs" / "t"
+    assert {"spec.json", "status.json", "metrics.jsonl", "README.md", "adapter"} <= set(os.listdir(folder))
+    spec = json.loads((folder / "spec.json").read_text())
+    assert spec["method"] == "sft" and spec["seed"] == 42 and "trl" in spec["versions"]
+    assert spec["adapter"]["r"] == 8  # the session's %%lora setting was used
+    assert run.summary["steps"] == 12 and len(run.metrics) >= 12
+    # The adapter is a plain PEFT adapter, and it learned: held-out prompts now get the taught answer.
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), folder / "adapter")
+    after = generate_with(tuned, tokenizer, prompts, max_new_tokens=3)
+    assert says_ok(before) == 0 and says_ok(after) == len(prompts), (before, after)
+    assert says_ok(run.generate(prompts, max_new_tokens=3)) == len(prompts)
+    listed = nbalign.list_runs("runs")
+    assert listed.loc[0, "run"] == str(folder.relative_to(in_tmp)) and listed.loc[0, "status"] == "finished"
+    assert "<img" in run._repr_html_() and "finished" in repr(run)
+
+
+def test_a_finished_run_is_never_overwritten_by_accident(tiny_model, in_tmp):
+    nbalign.sft(chats(4), model=tiny_model, out="runs/t", epochs=1, batch_size=4)
+    status = (in_tmp / "runs/t/status.json").read_text()
+    with pytest.raises(NbalignError, match="already holds a finished run.*--overwrite"):
+        nbalign.sft(chats(4), model=tiny_model, out="runs/t", epochs=1)
+    assert (in_tmp / "runs/t/status.json").read_text() == status
+    run = nbalign.sft(chats(4), model=tiny_model, out="runs/t", epochs=2, batch_size=4, overwrite=True)
+    assert run.summary["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"lr_scheduler_typ": "cosine"}, "did you mean 'lr_scheduler_type'"),
+        ({"lora": {"target_modules": ["qkv_proj"]}}, "has no module named 'qkv_proj'.*q_proj"),
+        ({"model": "someone/not-cached-model"}, "not in the Hugging Face cache"),
+        ({"data": []}, "is empty"),
+        ({"data": [{"question": "q", "answer": "a"}]}, "needs `messages`"),
+        ({"output_dir": "elsewhere"}, "set by nbalign from --out"),
+        ({"lora": 3}, "'lora' must be a mapping"),
+    ],
+)
+def test_bad_runs_fail_before_anything_is_written(tiny_model, in_tmp, options, message):
+    values = {"data": chats(4), "model": tiny_model, "out": "runs/bad", **options}
+    with pytest.raises(NbalignError, match=message):
+        nbalign.sft(**values)
+    assert not (in_tmp / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "adapter, saved",
+    [({"type": "dora", "r": 4}, "adapter"), ({"type": "full"}, "model"), ({"quantize": "4bit", "r": 4}, "adapter")],
+)
+def test_dora_full_and_qlora_train_and_save(tiny_model, in_tmp, adapter, saved):
+    nbalign.lora(model=tiny_model, **adapter)
+    run = nbalign.sft(chats(8), model=tiny_model, out="runs/a", epochs=1, batch_size=4, learning_rate=1e-3)
+    assert run.status == "finished" and (in_tmp / "runs/a" / saved / "config.json").exists() == (saved == "model")
+    config = json.loads((in_tmp / "runs/a/spec.json").read_text())["adapter"]
+    assert config == {**config, **adapter}
+    if saved == "adapter":
+        peft_config = json.loads((in_tmp / "runs/a/adapter/adapter_config.json").read_text())
+        assert peft_config["use_dora"] == (adapter.get("type") == "dora") and peft_config["r"] == 4
+    assert isinstance(run.generate("Say the number 3.", max_new_tokens=4), str)
+
+
+def test_qlora_report_shrinks_base_memory_and_matches_the_loaded_model(tiny_model):
+    from nbalign.models import load_model, pick_device, resolve
+    from nbalign.specs import AdapterSpec
+
+    plain = nbalign.lora(r=4, model=tiny_model)
+    quant = nbalign.lora(r=4, quantize="4bit", model=tiny_model)
+    assert quant.base_bytes < plain.base_bytes and quant.trainable == plain.trainable
+    loaded = load_model(resolve(tiny_model), pick_device(), AdapterSpec(quantize="4bit"))
+    assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert abs(loaded.get_memory_footprint() - quant.base_bytes) / quant.base_bytes < 0.1
+
+
+def test_cell_override_and_packing(tiny_model, in_tmp):
+    nbalign.lora(r=16, model=tiny_model)
+    run = nbalign.sft(chats(8), model=tiny_model, out="runs/p", epochs=1, batch_size=2, packing=True,
+                      max_length=128, lora={"r": 2, "target_modules": ["q_proj"]})
+    spec = json.loads((run.path / "spec.json").read_text())
+    assert spec["adapter"]["r"] == 2 and spec["trl_config"]["packing"] is True
+    # 8 chats of about 40 tokens packed into rows of 128: fewer optimizer steps than 8 / 2 unpacked.
+    assert run.summary["steps"] < 4
+
+
+def test_a_run_folder_continues_from_its_adapter(tiny_model, in_tmp):
+    first = nbalign.sft(chats(16), model=tiny_model, out="runs/one", epochs=3, batch_size=4, learning_rate=3e-2)
+    # Generating from a run folder uses its tuned weights.
+    assert says_ok(nbalign.generate("runs/one", ["Say the number 99."], max_new_tokens=3)) == 1
+    second = nbalign.sft(chats(16), model="runs/one", out="runs/two", epochs=1, batch_size=4, learning_rate=3e-2)
+    spec = json.loads((second.path / "spec.json").read_text())
+    assert spec["parent_runs"] == [str((in_tmp / "runs/one").resolve())]
+    first_losses = [r["loss"] for r in read_metrics(first.path) if "loss" in r]
+    second_losses = [r["loss"] for r in read_metrics(second.path) if "loss" in r]
+    # It starts near where the first run ended, not from the random base.
+    assert first_losses[0] - second_losses[0] > 0.5 * (first_losses[0] - first_losses[-1]), (first_losses, second_losses)
+    with pytest.raises(NbalignError, match="is interrupted, not finished"):
+        (in_tmp / "runs/one/status.json").write_text(json.dumps({"status": "interrupted"}))
+        nbalign.sft(chats(4), model="runs/one", out="runs/three")
+
+
+def _interrupt_at(monkeypatch, step: int, times: int = 1):
+    """Send SIGINT to ourselves (what a kernel interrupt does) once, when training logs `step`."""
+    from nbalign.callbacks import MetricsWriter
+
+    original = MetricsWriter.on_log
+    fired = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        original(self, args, state, control, logs=logs, **kwargs)
+        if state.global_step == step and "loss" in (logs or {}) and not fired:
+            fired.append(step)
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(MetricsWriter, "on_log", on_log)
+
+
+def test_interrupt_saves_then_resume_finishes_the_same_run(tiny_model, in_tmp, monkeypatch):
+    data = chats(16)
+    _interrupt_at(monkeypatch, step=3)
+    run = nbalign.sft(data, model=tiny_model, out="runs/i", epochs=2, batch_size=4)
+    assert run.status == "interrupted" and "--resume" in run.message
+    assert (in_tmp / "runs/i/adapter/adapter_model.safetensors").exists()
+    stopped_at = run.summary["steps"]
+    assert 3 <= stopped_at < 8  # the step after the interrupt arrived, not the end
+    assert [p.name for p in (in_tmp / "runs/i/checkpoints").glob("checkpoint-*")] == [f"checkpoint-{stopped_at}"]
+    assert live_models() == 0
+    with pytest.raises(NbalignError, match="interrupted; its final weights"):
+        run.generate("hi")
+    with pytest.raises(NbalignError, match="holds an interrupted run.*--resume"):
+        nbalign.sft(data, model=tiny_model, out="runs/i", epochs=2, batch_size=4)
+    with pytest.raises(NbalignError, match="data differs"):
+        nbalign.sft(chats(15), model=tiny_model, out="runs/i", epochs=2, batch_size=4, resume=True)
+
+    resumed = nbalign.sft(data, model=tiny_model, out="runs/i", epochs=2, batch_size=4, resume=True)
+    assert resumed.status == "finished" and resumed.summary["steps"] == 8
+    steps = [r["step"] for r in read_metrics(resumed.path) if "loss" in r]
+    assert steps == list(range(1, 9))  # continued after the saved step: none trained twice, none skipped
+
+
+def test_second_interrupt_stops_at_once_and_still_saves(tiny_model, in_tmp, monkeypatch):
+    _interrupt_at(monkeypatch, step=2, times=2)
+    run = nbalign.sft(chats(16), model=tiny_model, out="runs/h", epochs=2, batch_size=4)
+    assert run.status == "interrupted"
+    assert (in_tmp / "runs/h/adapter/adapter_config.json").exists()
+    assert live_models() == 0
+
+
+def test_a_crash_marks_the_run_failed_and_keeps_no_model_alive(tiny_model, in_tmp, monkeypatch):
+    from nbalign.methods.sft import SFT
+
+    def broken(self, plan, model, callbacks):
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(SFT, "build_trainer", broken)
+    with pytest.raises(NbalignError, match="simulated out of memory.*error.log") as info:
+        nbalign.sft(chats(4), model=tiny_model, out="runs/f")
+    # The error a notebook would keep (sys.last_traceback) holds no frame with the model in it.
+    assert info.value.__context__ is None and live_models() == 0
+    assert json.loads((in_tmp / "runs/f/status.json").read_text())["status"] == "failed"
+    assert "RuntimeError" in (in_tmp / "runs/f/error.log").read_text()
+
+
+def test_rerunning_a_cell_leaves_no_model_behind(tiny_model, in_tmp):
+    for _ in range(2):
+        nbalign.sft(chats(4), model=tiny_model, out="runs/r", epochs=1, batch_size=4, overwrite=True)
+        assert live_models() == 0

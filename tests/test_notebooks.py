@@ -1,0 +1,108 @@
+"""The tutorial notebooks, executed top to bottom by a real Jupyter kernel (nbclient) in quick mode.
+
+Quick mode (NBALIGN_QUICK=1) is read by each notebook's first code cell: fewer ranks, one short epoch,
+four held-out questions. The notebook ends with a `RESULT {...}` line that these tests parse.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+KERNEL = "python3"
+
+
+@pytest.fixture(scope="module")
+def kernel_name(tmp_path_factory):
+    """The `python3` kernel spec; installed into a private Jupyter path when the environment lacks one."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    mp = pytest.MonkeyPatch()
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL)
+    except NoSuchKernel:
+        from ipykernel.kernelspec import install
+
+        prefix = tmp_path_factory.mktemp("jupyter")
+        install(prefix=str(prefix), kernel_name=KERNEL)
+        mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    yield KERNEL
+    mp.undo()
+
+
+def execute(name: str, cwd: Path, kernel: str, timeout: int = 600):
+    """Run notebooks/<name> in `cwd`; returns the executed notebook. A failing cell raises with its traceback."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=timeout, kernel_name=kernel, resources={"metadata": {"path": str(cwd)}}
+    )
+    client.execute()
+    return nb
+
+
+def stdout_of(nb) -> str:
+    return "".join(
+        out.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.output_type == "stream" and out.name == "stdout"
+    )
+
+
+def result_of(nb) -> dict:
+    lines = [line for line in stdout_of(nb).splitlines() if line.startswith("RESULT ")]
+    assert lines, "the notebook printed no RESULT line"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_notebooks_are_committed_clean():
+    """Notebooks are stored without outputs, so diffs stay readable and nothing stale is shown."""
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{path.name} has stored outputs"
+
+
+def test_lora_sft_notebook_reads_quick_mode_first():
+    nb = nbformat.read(NOTEBOOKS / "01_lora_sft.ipynb", as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assert 'QUICK = os.environ.get("NBALIGN_QUICK") == "1"' in first.source
+
+
+@pytest.mark.slow
+def test_lora_sft_notebook_runs_and_teaches_the_format(tmp_path, monkeypatch, kernel_name):
+    monkeypatch.setenv("NBALIGN_QUICK", "1")  # the kernel inherits this process's environment
+    nb = execute("01_lora_sft.ipynb", tmp_path, kernel_name)
+
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+
+    result = result_of(nb)
+    assert result["status"] == "finished"
+    assert result["n"] == 4
+    assert result["steps"] == 7  # quick mode: one epoch of 51 examples at batch size 8
+    assert result["tuned_ok"] > result["base_ok"], result
+    assert result["tuned_ok"] >= 3, result  # quick mode reached 4/4 when written
+
+    # The run folder went to the notebook's working directory, complete.
+    run = tmp_path / "runs" / "json-sft"
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "metrics.jsonl").stat().st_size > 0
+
+    text = stdout_of(nb)
+    assert "trainable parameters 4,884,480" in text  # the %%lora cell's report (r=16, all-linear)
+    assert "QLoRA keeps the base in" in text
+    # The rank sweep's plot and the loss curve were drawn.
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert images >= 2
