@@ -23,7 +23,11 @@ def generate(model: str, prompt: Any, max_new_tokens: int = 128, **kwargs) -> st
     """Greedy by default (pass do_sample=True, temperature=... to sample). A list of prompts gives a list."""
     from pathlib import Path
 
-    key = str(Path(model).resolve()) if Path(model).exists() else model
+    key = model
+    if Path(model).exists():
+        # A run folder trained again in place (--overwrite) must not answer from the old weights.
+        status = Path(model) / "status.json"
+        key = f"{Path(model).resolve()}@{status.stat().st_mtime_ns if status.exists() else 0}"
     loaded, tokenizer = session.cached_model(key, lambda: load_for_inference(model))
     single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
     prompts = [prompt] if single else list(prompt)

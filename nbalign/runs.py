@@ -30,15 +30,38 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def read_status(path: str | Path) -> dict:
+    """The run's status. A run still marked running whose process is gone (a kernel restart, a crash)
+    reads as interrupted, so it can be resumed from its last checkpoint."""
     try:
-        return json.loads((Path(path) / "status.json").read_text())
+        status = json.loads((Path(path) / "status.json").read_text())
     except (OSError, ValueError):
         return {}
+    if status.get("status") == "running" and not _alive(status.get("pid"), status.get("host")):
+        status.update(status="interrupted", message="the process training it ended (kernel restart or crash)")
+    return status
+
+
+def _alive(pid, host) -> bool:
+    import socket
+
+    if not pid or host != socket.gethostname():
+        return True  # cannot tell from here: trust the file
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def set_status(path: Path, status: str, message: str | None = None, **extra) -> None:
+    import socket
+
     assert status in STATUSES
     payload = {"status": status, "updated": _now(), **extra}
+    if status == "running":
+        payload.update(pid=os.getpid(), host=socket.gethostname())
     if message:
         payload["message"] = message
     write_json_atomic(path / "status.json", payload)

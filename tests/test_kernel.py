@@ -62,7 +62,7 @@ def test_magics_train_and_generate_in_a_real_kernel(kernel, tiny_model):
     assert out["error"] is None, out["text"]
     # The progress bar and loss curve were displayed and updated in place, then the Run summary shown.
     html = [d.get("text/html", "") for d in out["data"]]
-    assert any("<progress" in h for h in html)
+    assert any("<progress" in h for h in html) and any("image/png" in d for d in out["data"])
     assert "nbalign sft run" in html[-1] and "finished" in html[-1]
     out = execute(client, "print(run.status, type(run.generate('Say the number 3.', max_new_tokens=3)).__name__)")
     assert out["text"].strip() == "finished str"

@@ -148,6 +148,7 @@ def _run(method: Method, spec: TrainSpec) -> Run:
     if plan.spec.overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    session.release()  # the model kept for generation is not needed while training: free it first
     _write_spec(method, plan)
     set_status(out, "running")
     print(

@@ -1,0 +1,56 @@
+"""Behaviour on the real built-in model, SmolLM2-135M-Instruct (minutes on a CPU)."""
+
+import re
+
+import pytest
+from helpers import live_models
+
+import nbalign
+from nbalign.examples import is_json_answer, json_answers
+
+pytestmark = pytest.mark.slow
+
+
+def rss_mib() -> float:
+    text = open("/proc/self/status").read()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def test_sft_teaches_the_builtin_model_a_one_line_json_format(in_tmp):
+    train, heldout = json_answers("train"), json_answers("heldout")
+    prompts = [row["messages"][0]["content"] for row in heldout]
+    before = nbalign.generate("smollm2-135m", prompts, max_new_tokens=40)
+    nbalign.lora(r=16, alpha=32, target_modules="all-linear")
+    run = nbalign.sft(train, out="runs/json", epochs=3)  # %%sft's defaults otherwise
+    after = run.generate(prompts, max_new_tokens=40)
+    ok_before, ok_after = sum(map(is_json_answer, before)), sum(map(is_json_answer, after))
+    print(f"held-out JSON answers: base {ok_before}/16, tuned {ok_after}/16")
+    assert ok_before <= 2, before
+    assert ok_after >= 14, after
+    # It stops after the object: the end-of-turn token was learned.
+    assert all(len(a) < 80 for a in after)
+
+
+def test_rerunning_a_training_cell_does_not_grow_memory(in_tmp):
+    from nbalign.examples import json_answers
+
+    data = json_answers("train")[:8]
+    sizes = []
+    for _ in range(3):
+        nbalign.sft(data, out="runs/again", overwrite=True, batch_size=4, max_steps=2)
+        assert live_models() == 0
+        sizes.append(rss_mib())
+    # The fp32 model is ~540 MiB: a leaked copy per run would show; allocator noise stays far below.
+    assert sizes[2] - sizes[1] < 150, sizes
+
+
+def test_qlora_trains_the_builtin_model_on_the_cpu(in_tmp):
+    plain = nbalign.lora(r=8)
+    report = nbalign.lora(r=8, quantize="4bit")
+    assert report.base_bytes < 0.4 * plain.base_bytes  # ~166 MiB vs ~540 MiB
+    data = json_answers("train")[:8]
+    run = nbalign.sft(data, out="runs/qlora", batch_size=4, max_steps=3, learning_rate=1e-3)
+    assert run.status == "finished" and run.summary["steps"] == 3
+    losses = [r["loss"] for r in run.metrics.to_dict("records") if r.get("loss") == r.get("loss") and "loss" in r]
+    assert losses and all(loss < 10 for loss in losses)
+    assert isinstance(run.generate("What is the capital of Spain?", max_new_tokens=8), str)
