@@ -173,7 +173,7 @@ def test_interrupt_saves_then_resume_finishes_the_same_run(tiny_model, in_tmp, m
 def test_second_interrupt_stops_at_once_and_still_saves(tiny_model, in_tmp, monkeypatch):
     _interrupt_at(monkeypatch, step=2, times=2)
     run = nbalign.sft(chats(16), model=tiny_model, out="runs/h", epochs=2, batch_size=4)
-    assert run.status == "interrupted"
+    assert run.status == "interrupted" and "before any checkpoint; start again with --overwrite" in run.message
     assert (in_tmp / "runs/h/adapter/adapter_config.json").exists()
     assert live_models() == 0
 

@@ -224,12 +224,20 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
         if outcome == "finished":
             _write_model_card(method, plan, summary)
         else:
-            message = f"stopped by the user at step {trainer.state.global_step}; continue with --resume"
+            message = f"stopped by the user at step {trainer.state.global_step}; re-run the cell with --resume"
     except KeyboardInterrupt:
-        outcome, message = "interrupted", "stopped by the user before a step finished; continue with --resume"
+        # Stopped mid-step: the weights are saved as they are, but a checkpoint written now could catch the
+        # optimizer half-way, so --resume goes back to the last checkpoint saved between steps.
         trainer = state["trainer"]
         if trainer is not None:
             _save_weights(trainer, plan)
+        last = latest_checkpoint(out)
+        outcome = "interrupted"
+        message = (
+            f"stopped by the user mid-step; --resume continues from {last.name}"
+            if last is not None
+            else "stopped by the user before any checkpoint; start again with --overwrite"
+        )
     except NbalignError as exc:  # keep the message only: the exception's traceback holds the model
         outcome, message, own_error = "failed", exc.message, True
     except Exception as exc:  # noqa: BLE001 - recorded in the run folder and reported as one paragraph
@@ -252,7 +260,7 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
             "read the log; if memory ran out, lower batch_size or max_length, or use `%%lora quantize: 4bit`.",
         )
     if outcome == "interrupted":
-        print(f"nbalign: run interrupted and saved in {out}; re-run the cell with --resume to continue.")
+        print(f"nbalign: the run in {out} was interrupted and saved: {message}.")
     return None
 
 
