@@ -102,7 +102,7 @@ def prepare_folder(out: Path, method: str, *, resume: bool, overwrite: bool) -> 
             )
         return
     if status is not None and not overwrite:
-        what = "a finished run" if status == "finished" else f"an {status} run" if status[0] in "ai" else f"a {status} run"
+        what = f"{'an' if status[0] in 'aeiou' else 'a'} {status} run"
         fix = (
             "pick another --out, or add --overwrite to replace it."
             if status != "interrupted"
@@ -151,11 +151,6 @@ class Run:
         import pandas as pd
 
         return pd.DataFrame(read_metrics(self.path))
-
-    @property
-    def adapter_path(self) -> Path:
-        full = self.path / "model"
-        return full if full.is_dir() else self.path / "adapter"
 
     # --- using the weights -----------------------------------------------------------------------
     def generate(self, prompt: Any, max_new_tokens: int = 128, **kwargs) -> str | list[str]:
