@@ -9,7 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    "lora", "sft", "list_runs", "generate", "Run", "NbalignError", "session", "load_ipython_extension", "__version__",
+    "lora", "sft", "list_runs", "generate", "Run", "NbalignError", "session", "load_ipython_extension", "examples", "__version__",
 ]
 
 _LAZY = {
@@ -24,11 +24,13 @@ _LAZY = {
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(f".{module}", __name__), attr)
+    if name == "examples":
+        return importlib.import_module(".examples", __name__)
     raise AttributeError(f"module 'nbalign' has no attribute {name!r}")
 
 

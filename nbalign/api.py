@@ -55,6 +55,13 @@ def lora(
 
 
 def adapter_report(spec: AdapterSpec, model: str = BUILTIN_MODEL) -> AdapterReport:
+    from .models import quiet
+
+    with quiet():
+        return _adapter_report(spec, model)
+
+
+def _adapter_report(spec: AdapterSpec, model: str) -> AdapterReport:
     from .models import apply_adapter, check_targets, resolve, skeleton
 
     ref = resolve(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import json
 import os
 import shutil
@@ -364,6 +365,8 @@ def quiet():
     import datasets
     import transformers
 
+    # bitsandbytes' CPU backend logs that an optional kernels package is missing; it works without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     bars_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()

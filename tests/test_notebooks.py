@@ -38,12 +38,16 @@ def kernel_name(tmp_path_factory):
 
 
 def execute(name: str, cwd: Path, kernel: str, timeout: int = 600):
-    """Run notebooks/<name> in `cwd`; returns the executed notebook. A failing cell raises with its traceback."""
+    """Run notebooks/<name> in `cwd`; returns the executed notebook (also saved in `cwd`). A failing cell
+    raises CellExecutionError with its traceback."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=timeout, kernel_name=kernel, resources={"metadata": {"path": str(cwd)}}
     )
-    client.execute()
+    try:
+        client.execute()
+    finally:  # kept next to the run folder, to read when a test fails
+        nbformat.write(nb, cwd / f"executed-{name}")
     return nb
 
 
@@ -90,7 +94,7 @@ def test_lora_sft_notebook_runs_and_teaches_the_format(tmp_path, monkeypatch, ke
     result = result_of(nb)
     assert result["status"] == "finished"
     assert result["n"] == 4
-    assert result["steps"] == 7  # quick mode: one epoch of 51 examples at batch size 8
+    assert result["steps"] == 13  # quick mode: one epoch of 51 examples at batch size 4
     assert result["tuned_ok"] > result["base_ok"], result
     assert result["tuned_ok"] >= 3, result  # quick mode reached 4/4 when written
 
