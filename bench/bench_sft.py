@@ -57,6 +57,13 @@ def _maxrss_mib() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
+def _cpu_s() -> float:
+    """CPU seconds this process has used so far, all threads, user + system. Less sensitive than wall time to
+    other work on the machine (though not immune: spinning OpenMP threads burn CPU while they wait)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _cuda_peak_mib():
     import torch
 
@@ -146,10 +153,10 @@ def worker_nbalign(cfg: dict) -> dict:
     }
     if cfg["max_steps"]:
         options["max_steps"] = cfg["max_steps"]  # any SFTConfig field passes through nbalign.sft
-    t = _now()
+    t, cpu0 = _now(), _cpu_s()
     nbalign.lora(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA["target_modules"])
     run = nbalign.sft(rows, out=cfg["out"], overwrite=True, **options)
-    trained_s = _now()
+    trained_s, cpu_s = _now(), _cpu_s() - cpu0
     sft_call_s = trained_s - t
     rss_train = _maxrss_mib()
     cuda_train = _cuda_peak_mib()
@@ -189,6 +196,8 @@ def worker_nbalign(cfg: dict) -> dict:
         "input_tokens_per_epoch": sum(min(n, cfg["max_length"]) for n in lengths),
         "imports_s": round(imports_s, 2),
         "setup_and_train_s": round(sft_call_s, 2),  # lora report + nbalign.sft (load, data, train, save)
+        "cpu_s": round(cpu_s, 1),  # CPU seconds over the same span
+        "tokens_per_cpu_s": round(summary["tokens"] / cpu_s, 2) if summary.get("tokens") else None,
         "wall_to_trained_s": round(trained_s, 2),
         "rss_after_imports_mib": round(rss_after_imports, 1),
         "peak_rss_train_mib": round(rss_train, 1),
@@ -211,8 +220,9 @@ def worker_nbalign(cfg: dict) -> dict:
         from nbalign.generation import load_for_inference
         from nbalign.session import session
 
-        # run.generate kept the tuned model in the session under the run folder's absolute path.
-        model, tok = session.cached_model(str(Path(cfg["out"]).resolve()), lambda: load_for_inference(cfg["out"]))
+        # The tuned model as run.generate loads it (base + adapter merged), without keeping two copies.
+        session.release()
+        model, tok = load_for_inference(str(run.path))
         nll, n = answer_nll(model, tok, rows_h)
         result.update(_eval_fields(answers, prompts, is_json, nll, n, _now() - t))
     return result
@@ -242,7 +252,7 @@ def worker_trl(cfg: dict, variant: str) -> dict:
         kwargs["max_steps"] = cfg["max_steps"]
     else:
         kwargs["num_train_epochs"] = cfg["epochs"]
-    t = _now()
+    t, cpu0 = _now(), _cpu_s()
     try:
         config = SFTConfig(**kwargs)
     except ValueError as exc:
@@ -264,7 +274,7 @@ def worker_trl(cfg: dict, variant: str) -> dict:
     setup_s = _now() - t
     output = trainer.train()
     trainer.save_model(cfg["out"])
-    trained_s = _now()
+    trained_s, cpu_s = _now(), _cpu_s() - cpu0
     rss_train = _maxrss_mib()
     cuda_train = _cuda_peak_mib()
 
@@ -314,6 +324,8 @@ def worker_trl(cfg: dict, variant: str) -> dict:
         "input_tokens_per_epoch": sum(lengths),
         "imports_s": round(imports_s, 2),
         "setup_s": round(setup_s, 2),  # SFTConfig + SFTTrainer (model load, LoRA wrap, tokenisation)
+        "cpu_s": round(cpu_s, 1),  # CPU seconds from SFTConfig to the saved adapter
+        "tokens_per_cpu_s": round(tokens / cpu_s, 2) if tokens else None,
         "wall_to_trained_s": round(trained_s, 2),
         "rss_after_imports_mib": round(rss_after_imports, 1),
         "peak_rss_train_mib": round(rss_train, 1),
@@ -324,7 +336,7 @@ def worker_trl(cfg: dict, variant: str) -> dict:
         "learning_rate": config.learning_rate,
         "max_length": config.max_length,
         "use_cpu": config.use_cpu,
-        "trl_overrides": {k: v for k, v in kwargs.items() if k != "output_dir"},
+        "sft_config_kwargs": {k: v for k, v in kwargs.items() if k != "output_dir"},  # all else: TRL defaults
         "notes": notes,
     }
 
@@ -389,17 +401,18 @@ def _machine() -> dict:
     }
 
 
-def run_side(side: str, cfg: dict, workdir: Path, log_dir: Path) -> dict:
-    out = workdir / side
+def run_side(side: str, cfg: dict, workdir: Path, log_dir: Path, repeat: int = 0) -> dict:
+    tag = side if repeat == 0 else f"{side}-{repeat}"
+    out = workdir / tag
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**cfg, "out": str(out)}
-    cfg_path, res_path = workdir / f"{side}.cfg.json", workdir / f"{side}.result.json"
+    cfg_path, res_path = workdir / f"{tag}.cfg.json", workdir / f"{tag}.result.json"
     cfg_path.write_text(json.dumps(cfg))
-    log = log_dir / f"sft-{side}.log"
+    log = log_dir / f"sft-{tag}.log"
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")  # no network lookups on either side
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    print(f"[bench] {side}: running (log: {log}) ...", flush=True)
+    print(f"[bench] {tag}: running (log: {log}) ...", flush=True)
     load_before = _loadavg()
     start = time.perf_counter()
     with log.open("w") as fh:
@@ -411,17 +424,37 @@ def run_side(side: str, cfg: dict, workdir: Path, log_dir: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0 or not res_path.is_file():
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise SystemExit(f"[bench] {side} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+        raise SystemExit(f"[bench] {tag} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
     result = json.loads(res_path.read_text())
     result["process_wall_s"] = round(wall, 2)
     result["loadavg_before"] = load_before
     result["loadavg_after"] = _loadavg()
     print(
-        f"[bench] {side}: {result['steps']} steps, {result['tokens_per_s']} tok/s, "
+        f"[bench] {tag}: {result['steps']} steps, {result['tokens_per_s']} tok/s, "
         f"peak RSS {result['peak_rss_train_mib']:.0f} MiB, process {wall:.1f} s",
         flush=True,
     )
     return result
+
+
+# Per-run numbers that vary with the machine's load: the report shows their median over --repeats.
+AGGREGATED = ("train_runtime_s", "tokens_per_s", "cpu_s", "tokens_per_cpu_s", "wall_to_trained_s",
+              "peak_rss_train_mib", "cuda_peak_train_mib", "imports_s")
+
+
+def aggregate(rs: list[dict]) -> dict:
+    """The first run (the one evaluated), with the load-dependent numbers replaced by their median."""
+    import statistics
+
+    out = dict(rs[0])
+    out["repeats"] = len(rs)
+    for key in AGGREGATED:
+        values = [r[key] for r in rs if r.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+    tps = [r["tokens_per_s"] for r in rs if r.get("tokens_per_s") is not None]
+    out["tokens_per_s_each"] = tps
+    return out
 
 
 def _ratio(a, b):
@@ -449,21 +482,26 @@ def markdown(report: dict) -> str:
     cuda = any(r.get("cuda_peak_train_mib") is not None for r in res.values())
     evald = all("heldout_json" in r for r in res.values())
 
+    many = max(r.get("repeats", 1) for r in res.values()) > 1
     rows = [
         # (label, key or function, digits, ratio?)
         ("optimizer steps", "steps", 0, False),
         ("tokens trained (non-padding inputs, all steps)", "tokens", 0, False),
         ("training time, `train_runtime` (s)", "train_runtime_s", 1, True),
         ("**tokens / s**", "tokens_per_s", 1, True),
+        ("CPU seconds, config to saved adapter", "cpu_s", 1, True),
+        ("tokens / CPU second", "tokens_per_cpu_s", 2, True),
         ("**peak RSS after training (MiB)**", "peak_rss_train_mib", 0, True),
-        ("peak RSS at process end, incl. eval (MiB)", "peak_rss_end_mib", 0, True),
+        ("peak RSS at process end (MiB)", "peak_rss_end_mib", 0, True),
         ("RSS after imports (MiB)", "rss_after_imports_mib", 0, False),
     ]
+    if many:
+        rows.insert(4, ("tokens / s, each run", lambda r: ", ".join(f"{v:.1f}" for v in r["tokens_per_s_each"]), 0, False))
     if cuda:
         rows += [("CUDA max allocated during training (MiB)", "cuda_peak_train_mib", 0, True)]
     rows += [
         ("**wall to trained model, incl. imports + load + save (s)**", "wall_to_trained_s", 1, True),
-        ("process wall, incl. interpreter start and eval (s)", "process_wall_s", 1, True),
+        ("process wall, incl. interpreter start and held-out eval (s)", "process_wall_s", 1, True),
         ("bf16", "bf16", 0, False),
         ("gradient checkpointing", "gradient_checkpointing", 0, False),
         ("loss computed on", "loss_on", 0, False),
@@ -509,7 +547,9 @@ def render_report(report: dict) -> str:
         f"Job: SmolLM2-135M-Instruct, `json_answers('train')` ({cfg['rows']} conversations, `messages`), "
         f"LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} {LORA['target_modules']}, "
         f"lr {cfg['learning_rate']:g}, batch {BATCH_SIZE}, {steps}, max_length {cfg['max_length']}. "
-        "Sides ran one after the other, each in its own process.",
+        "Sides ran one after the other, each in its own process"
+        + (f", {cfg['repeats']} times each, interleaved; timings and peak RSS are medians, the loss and "
+           "held-out rows come from the first repeat." if cfg.get("repeats", 1) > 1 else "."),
         "",
         markdown(report),
         "",
@@ -557,6 +597,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=1024, help="both sides (the default of both)")
     p.add_argument("--sides", default="nbalign,trl",
                    help=f"comma-separated, run in this order; from {', '.join(SIDES)} (default nbalign,trl)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every side this many times, interleaved, and report medians (default 1)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out generation and answer loss")
     p.add_argument("--results", default=str(RESULTS), help="folder for sft.json, sft.md and the worker logs")
     p.add_argument("--keep", action="store_true", help="keep the run folders (printed) instead of deleting them")
@@ -573,6 +615,8 @@ def main(argv=None) -> int:
     bad = [s for s in sides if s not in SIDES]
     if bad:
         p.error(f"unknown side(s) {bad}; pick from {', '.join(SIDES)}")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     max_steps = 4 if args.quick and args.max_steps is None else args.max_steps
 
     from nbalign.examples import json_answers
@@ -588,6 +632,7 @@ def main(argv=None) -> int:
         "max_length": args.max_length,
         "eval": not args.no_eval,
         "rows": rows,
+        "repeats": args.repeats,
     }
     steps = max_steps or max(1, int(math.ceil(rows / BATCH_SIZE) * args.epochs))
     print(f"[bench] {len(sides)} side(s), about {steps} optimizer steps each, sequentially", flush=True)
@@ -595,15 +640,19 @@ def main(argv=None) -> int:
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="nbalign-bench-sft-"))
-    results = {}
+    runs = {side: [] for side in sides}
     try:
-        for side in sides:
-            results[side] = run_side(side, cfg, workdir, results_dir)
+        for repeat in range(args.repeats):  # interleaved: nbalign, trl, nbalign, trl, ...
+            for side in sides:
+                cfg_r = {**cfg, "eval": cfg["eval"] and repeat == 0}  # evaluate the first repeat only
+                runs[side].append(run_side(side, cfg_r, workdir, results_dir, repeat))
     finally:
         if args.keep:
             print(f"[bench] run folders kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+    results = {side: aggregate(rs) for side, rs in runs.items()}
 
     import torch
 
@@ -614,6 +663,8 @@ def main(argv=None) -> int:
         "config": {k: v for k, v in cfg.items() if k != "model_dir"} | {"batch_size": BATCH_SIZE, "lora": LORA,
                                                                         "sides": sides},
         "results": results,
+        "repeats": {side: [{k: r.get(k) for k in (*AGGREGATED, "loadavg_before", "loadavg_after")} for r in rs]
+                    for side, rs in runs.items()},
     }
     nb, trl = results.get("nbalign"), results.get("trl")
     if nb and trl:

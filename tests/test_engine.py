@@ -197,3 +197,10 @@ def test_rerunning_a_cell_leaves_no_model_behind(tiny_model, in_tmp):
     for _ in range(2):
         nbalign.sft(chats(4), model=tiny_model, out="runs/r", epochs=1, batch_size=4, overwrite=True)
         assert live_models() == 0
+
+
+def test_max_steps_from_the_body_sizes_the_run(tiny_model, in_tmp, capsys):
+    run = nbalign.sft(chats(16), model=tiny_model, out="runs/m", epochs=30, batch_size=4, max_steps=5)
+    assert run.summary["steps"] == 5 and "5 steps" in capsys.readouterr().out
+    logged = [r["step"] for r in read_metrics(run.path) if "loss" in r]
+    assert logged == [1, 2, 3, 4, 5]  # ~50 points per run: every step of a 5-step run

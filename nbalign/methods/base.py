@@ -41,6 +41,7 @@ class Plan:
     eval_dataset: Any
     config: Any  # the TRL config
     n_examples: int
+    steps: int
 
 
 class Method:
@@ -111,10 +112,21 @@ def plan_run(method: Method, spec: TrainSpec) -> Plan:
     device = pick_device()
     tokenizer = load_tokenizer(ref)
     train_dataset, eval_dataset, n = method.build_datasets(spec, tokenizer)
-    steps_per_epoch = -(-n // spec.batch_size)
-    steps = max(1, int(steps_per_epoch * spec.epochs))
+    steps = planned_steps(spec, n)
     config = trl_config(method, spec, out, device, adapter, steps)
-    return Plan(spec, out, adapter, ref, device, tokenizer, train_dataset, eval_dataset, config, n)
+    return Plan(spec, out, adapter, ref, device, tokenizer, train_dataset, eval_dataset, config, n, steps)
+
+
+def planned_steps(spec: TrainSpec, n_examples: int) -> int:
+    """Optimizer steps the run will take: what logging and checkpoint intervals are sized against.
+    (Packing can lower it; the intervals only need the right order of magnitude.)"""
+    max_steps = int(coerce("max_steps", spec.trl.get("max_steps", -1), int, "max_steps") or -1)
+    if max_steps > 0:
+        return max_steps
+    accumulation = int(coerce("gradient_accumulation_steps", spec.trl.get("gradient_accumulation_steps", 1), int,
+                              "gradient_accumulation_steps") or 1)
+    per_epoch = -(-n_examples // (spec.batch_size * max(1, accumulation)))
+    return max(1, int(per_epoch * spec.epochs))
 
 
 def _resume_spec(spec: TrainSpec, out: Path) -> TrainSpec:
@@ -153,7 +165,7 @@ def _run(method: Method, spec: TrainSpec) -> Run:
     set_status(out, "running")
     print(
         f"nbalign {method.name}: {plan.spec.model} on {plan.device} | {plan.adapter.describe()} | "
-        f"{plan.n_examples} examples, {plan.config.num_train_epochs:g} epochs -> {out}",
+        f"{plan.n_examples} examples, {plan.steps} steps -> {out}",
         flush=True,
     )
     error = _train(method, plan)

@@ -37,7 +37,7 @@ class SFT(base.Method):
             "packing": spec.packing,
             "completion_only_loss": spec.completion_only_loss,
             "seed": spec.seed,
-            # Checkpointing trades ~1.5x time for memory a model this size does not need (notes/models.md).
+            # Checkpointing trades time (1.3x measured in fp32, bench/) for memory a model this size does not need.
             "activation_checkpointing": False,
             "bf16": device.bf16,
             "fp16": False,
