@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PYTHON) -m nbalign demo
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -27,8 +27,9 @@ def test_sft_teaches_the_builtin_model_a_one_line_json_format(in_tmp):
     print(f"held-out JSON answers: base {ok_before}/16, tuned {ok_after}/16")
     assert ok_before <= 2, before
     assert ok_after >= 14, after
-    # It stops after the object: the end-of-turn token was learned.
-    assert all(len(a) < 80 for a in after)
+    # A valid answer is the whole output, so those stopped right after the object (the end-of-turn
+    # token was learned) instead of running on to max_new_tokens as prose.
+    assert sum(map(len, after)) < 0.8 * sum(map(len, before)), (before, after)
 
 
 def test_rerunning_a_training_cell_does_not_grow_memory(in_tmp):
