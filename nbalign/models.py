@@ -68,10 +68,6 @@ class ModelRef:
     base: str
     parents: tuple[str, ...] = ()
 
-    @property
-    def is_run(self) -> bool:
-        return bool(self.parents)
-
 
 def is_run_folder(path: str | Path) -> bool:
     p = Path(path)
@@ -325,24 +321,6 @@ def apply_adapter(model, adapter: AdapterSpec, seed: int):
     )
     torch.manual_seed(seed)
     return get_peft_model(model, config)
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameters; 4-bit weights count as the values they pack."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if type(p).__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
-
-
-def weight_bytes(model) -> int:
-    """Bytes the frozen base weights take in memory (what quantization shrinks)."""
-    return int(model.get_memory_footprint()) if hasattr(model, "get_memory_footprint") else 0
 
 
 def free_memory() -> None:
