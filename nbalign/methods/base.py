@@ -76,27 +76,35 @@ def resolve_adapter(override: Any, current: AdapterSpec) -> AdapterSpec:
     )
 
 
-def trl_config(method: Method, spec: TrainSpec, out: Path, device, adapter, steps: int):
-    """The method's TRL config: nbalign's defaults for this model size and device, then the body's TRL
-    fields on top; unknown fields are rejected with the nearest valid name."""
+def checked_trl_fields(method: Method, spec: TrainSpec) -> dict:
+    """The body's TRL fields, checked against the method's TRL config and typed; unknown fields are
+    rejected with the nearest valid name."""
     cls = method.config_class
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     where = f"%%{method.name}"
-    extra = dict(spec.trl)
-    for key in extra:
+    extra = {}
+    for key, value in spec.trl.items():
         if key in RESERVED:
             raise NbalignError(f"{where}: '{key}' is set by nbalign from --out.", "remove it from the cell body.")
         if key not in fields:
-            raise unknown_option(key, set(fields) | spec.field_names() - {"trl"}, where)
-        extra[key] = coerce(key, extra[key], hints.get(key, Any), where)
+            raise unknown_option(key, fields | spec.field_names() - {"trl"}, where)
+        extra[key] = coerce(key, value, hints.get(key, Any), where)
+    return extra
+
+
+def trl_config(method: Method, spec: TrainSpec, out: Path, device, adapter, steps: int, extra: dict):
+    """The method's TRL config: nbalign's defaults for this model size and device, then the body's
+    (checked) TRL fields on top."""
     values = method.config_defaults(spec, device, adapter, steps)
     values.update(extra)
     values["output_dir"] = str(out / "checkpoints")
     try:
-        return cls(**values)
+        return method.config_class(**values)
     except (ValueError, TypeError) as exc:
-        raise NbalignError(f"{where}: the TRL config rejected these settings: {exc}", "fix the named field.") from None
+        raise NbalignError(
+            f"%%{method.name}: the TRL config rejected these settings: {exc}", "fix the named field."
+        ) from None
 
 
 def plan_run(method: Method, spec: TrainSpec) -> Plan:
@@ -106,26 +114,25 @@ def plan_run(method: Method, spec: TrainSpec) -> Plan:
     prepare_folder(out, method.name, resume=spec.resume, overwrite=spec.overwrite)
     if spec.resume:
         spec = _resume_spec(spec, out)
+    extra = checked_trl_fields(method, spec)  # before anything slow: a typo fails at once
     adapter = resolve_adapter(spec.lora, session.adapter)
     ref = resolve(spec.model)
     check_targets(skeleton(ref), adapter, spec.model)
     device = pick_device()
     tokenizer = load_tokenizer(ref)
     train_dataset, eval_dataset, n = method.build_datasets(spec, tokenizer)
-    steps = planned_steps(spec, n)
-    config = trl_config(method, spec, out, device, adapter, steps)
+    steps = planned_steps(spec, n, extra)
+    config = trl_config(method, spec, out, device, adapter, steps, extra)
     return Plan(spec, out, adapter, ref, device, tokenizer, train_dataset, eval_dataset, config, n, steps)
 
 
-def planned_steps(spec: TrainSpec, n_examples: int) -> int:
+def planned_steps(spec: TrainSpec, n_examples: int, extra: dict) -> int:
     """Optimizer steps the run will take: what logging and checkpoint intervals are sized against.
     (Packing can lower it; the intervals only need the right order of magnitude.)"""
-    max_steps = int(coerce("max_steps", spec.trl.get("max_steps", -1), int, "max_steps") or -1)
-    if max_steps > 0:
-        return max_steps
-    accumulation = int(coerce("gradient_accumulation_steps", spec.trl.get("gradient_accumulation_steps", 1), int,
-                              "gradient_accumulation_steps") or 1)
-    per_epoch = -(-n_examples // (spec.batch_size * max(1, accumulation)))
+    if (extra.get("max_steps") or -1) > 0:
+        return extra["max_steps"]
+    accumulation = max(1, extra.get("gradient_accumulation_steps") or 1)
+    per_epoch = -(-n_examples // (spec.batch_size * accumulation))
     return max(1, int(per_epoch * spec.epochs))
 
 
