@@ -9,12 +9,18 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    "lora", "sft", "list_runs", "generate", "Run", "NbalignError", "session", "load_ipython_extension", "examples", "__version__",
+    "lora", "sft", "dpo", "kto", "reward_model", "rlhf", "evaluate", "RewardModel", "list_runs", "generate", "Run", "NbalignError", "session", "load_ipython_extension", "examples", "__version__",
 ]
 
 _LAZY = {
     "lora": ("api", "lora"),
     "sft": ("api", "sft"),
+    "dpo": ("api", "dpo"),
+    "kto": ("api", "kto"),
+    "reward_model": ("api", "reward_model"),
+    "rlhf": ("api", "rlhf"),
+    "evaluate": ("api", "evaluate"),
+    "RewardModel": ("methods.reward", "RewardModel"),
     "list_runs": ("api", "list_runs"),
     "generate": ("api", "generate"),
     "Run": ("runs", "Run"),

@@ -8,7 +8,7 @@ from typing import Any
 from .runs import Run
 from .runs import list_runs as _list_runs
 from .session import session
-from .specs import BUILTIN_MODEL, AdapterSpec, SFTSpec
+from .specs import BUILTIN_MODEL, AdapterSpec, DPOSpec, KTOSpec, RewardSpec, RLHFSpec, SFTSpec
 
 
 @dataclass
@@ -96,6 +96,49 @@ def sft(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **
 
     spec = SFTSpec.from_dict({"data": data, "model": model, "out": out, **options}, passthrough=True)
     return run_sft(spec)
+
+
+def dpo(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
+    """Preference optimisation from pairs (what `%%dpo` does): DPO and its loss family, or SimPO / ORPO.
+    `options` are DPOSpec fields or any TRL DPOConfig (CPOConfig, ORPOConfig) field."""
+    from .methods.dpo import dpo as run_dpo
+
+    spec = DPOSpec.from_dict({"data": data, "model": model, "out": out, **options}, passthrough=True)
+    return run_dpo(spec)
+
+
+def kto(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
+    """KTO from unpaired thumbs (what `%%kto` does). `options` are KTOSpec fields or any TRL KTOConfig field."""
+    from .methods.kto import kto as run_kto
+
+    spec = KTOSpec.from_dict({"data": data, "model": model, "out": out, **options}, passthrough=True)
+    return run_kto(spec)
+
+
+def reward_model(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options):
+    """A Bradley-Terry reward model on pairs (what `%%reward_model` does). Returns a RewardModel run whose
+    `score(prompt, response)` rates new answers."""
+    from .methods.reward import reward_model as run_reward
+
+    spec = RewardSpec.from_dict({"data": data, "model": model, "out": out, **options}, passthrough=True)
+    return run_reward(spec)
+
+
+def rlhf(data: Any = None, reward: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
+    """Online RL against a reward model run or Python reward functions (what `%%rlhf` does).
+    `options` are RLHFSpec fields or any TRL GRPOConfig / RLOOConfig field."""
+    from .methods.rlhf import rlhf as run_rlhf
+
+    spec = RLHFSpec.from_dict({"data": data, "reward": reward, "model": model, "out": out, **options}, passthrough=True)
+    return run_rlhf(spec)
+
+
+def evaluate(model: str, data: Any, reference: str | None = None, **options):
+    """Held-out preference accuracy and margins, KL to the reference, answer length and general-text
+    perplexity of `model` against `reference` (default: the model a run started from)."""
+    from .evaluate import evaluate as _evaluate
+
+    return _evaluate(model, data, reference=reference, **options)
 
 
 def list_runs(root: str = "runs"):

@@ -169,3 +169,60 @@ class StopOnInterrupt(TrainerCallback):
         if self.guard.requested:
             control.should_save = True
             control.should_training_stop = True
+
+
+class AlignmentWatch(TrainerCallback):
+    """Measures the evaluation (nbalign.evaluate's metrics) at the start, at `points` steps during training,
+    and at the end, and logs it as `watch/<metric>` rows so the live display and metrics.jsonl carry the
+    curves. The reference is the model with its adapter switched off, or the trainer's reference model."""
+
+    def __init__(self, data, tokenizer, beta: float, points: int, max_new_tokens: int):
+        self.data, self.tokenizer, self.beta = data, tokenizer, beta
+        self.points, self.max_new_tokens = points, max_new_tokens
+        self.trainer = None
+        self.cache: dict = {}
+        self.first: dict | None = None
+        self.last: dict | None = None
+        self._at: set[int] = set()
+
+    def bind(self, trainer) -> None:
+        self.trainer = trainer
+
+    def reference(self, model):
+        from .evaluate import adapter_off, separate
+
+        if hasattr(model, "disable_adapter"):
+            return adapter_off(model)
+        ref = getattr(self.trainer, "ref_model", None)
+        return separate(ref) if ref is not None else None
+
+    def measure(self, model, state) -> dict:
+        from .evaluate import measure
+
+        from .evaluate import separate
+
+        model = getattr(model, "module", model)  # unwrap DDP
+        reference = self.reference(model)
+        if reference is None and state.global_step == 0:
+            reference = separate(model)  # before the first step the policy is the reference: cache its numbers
+        result = measure(model, self.tokenizer, self.data, reference, self.beta, self.max_new_tokens, self.cache)
+        logs = {f"watch/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+        if self.trainer is not None:
+            state.log_history.append({**logs, "step": state.global_step})
+            self.trainer.callback_handler.on_log(self.trainer.args, state, self.trainer.control, logs)
+        return result
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:  # not on --resume: the reference numbers are the first run's
+            self.first = self.measure(model, state)
+        if self.points and state.max_steps > 1:
+            every = state.max_steps / (self.points + 1)
+            self._at = {max(1, round(every * (k + 1))) for k in range(self.points)} - {state.max_steps}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self._at:
+            self.measure(model, state)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step >= state.max_steps:  # not when stopped early: the user wants it to stop now
+            self.last = self.measure(model, state)

@@ -224,3 +224,162 @@ def render_with_spans(tokenizer, messages: list[dict], learn: list[bool]):
             cursor = end
         spans.append((start, end))
     return text, spans
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preference data: pairs (DPO family, reward models) and unpaired thumbs (KTO).
+
+PAIR_FORMAT = "`prompt` + `chosen` + `rejected` (or `chosen`/`rejected` conversations that share their prompt)"
+UNPAIRED_FORMAT = "`prompt` + `completion` + `label` (true for thumbs up, false for thumbs down)"
+PAIR_SYNONYMS = {
+    "question": "prompt", "instruction": "prompt", "query": "prompt",
+    "preferred": "chosen", "good": "chosen", "winner": "chosen", "accepted": "chosen", "response_chosen": "chosen",
+    "dispreferred": "rejected", "bad": "rejected", "loser": "rejected", "response_rejected": "rejected",
+    "response": "completion", "answer": "completion", "output": "completion",
+    "thumbs": "label", "thumbs_up": "label", "desirable": "label", "rating": "label", "score": "label",
+}
+_UP = {"true", "1", "yes", "up", "good", "desirable", "+", "+1", "👍", "thumbs up", "positive"}
+_DOWN = {"false", "0", "no", "down", "bad", "undesirable", "-", "-1", "👎", "thumbs down", "negative"}
+
+
+def _pair_hint(columns: list[str], wanted: str) -> str:
+    mapping = {c: PAIR_SYNONYMS[c.lower()] for c in columns if c.lower() in PAIR_SYNONYMS}
+    if mapping:
+        return f"rename the columns, e.g. df.rename(columns={mapping!r}), or give {wanted}."
+    return f"give {wanted}."
+
+
+def _text(messages: list[dict]) -> str:
+    return "".join(m["content"] for m in messages).strip()
+
+
+def _split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """TRL's implicit-prompt pairs: two conversations whose common leading turns are the prompt."""
+    k = 0
+    while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+        k += 1
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
+def to_pairs(records: list[dict], what: str = "data") -> list[dict]:
+    """Normalise preference pairs to conversational {"prompt": [...], "chosen": [...], "rejected": [...]}.
+    Empty or identical chosen/rejected answers are errors that name the rows."""
+    columns = sorted({k for r in records for k in r})
+    if not ({"chosen", "rejected"} <= set(columns)):
+        unpaired = {"completion", "label"} <= set(columns)
+        raise NbalignError(
+            f"The {what} has columns {columns}, but this method learns from pairs: {PAIR_FORMAT}."
+            + (" These look like unpaired thumbs, which %%kto learns from." if unpaired else ""),
+            "use %%kto for thumbs data." if unpaired else _pair_hint(columns, PAIR_FORMAT),
+        )
+    out, empty, same = [], [], []
+    for i, row in enumerate(records):
+        chosen = _as_messages(row.get("chosen"), "assistant", i, what)
+        rejected = _as_messages(row.get("rejected"), "assistant", i, what)
+        if "prompt" in row and row["prompt"] is not None:
+            prompt = _as_messages(row["prompt"], "user", i, what)
+        elif isinstance(row.get("chosen"), list) or isinstance(row.get("chosen"), str) and row["chosen"].startswith("["):
+            prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
+            if not prompt:
+                raise NbalignError(
+                    f"Row {i} of the {what} has no `prompt` column and its chosen and rejected conversations "
+                    "share no leading turns, so the prompt cannot be found.",
+                    "add a `prompt` column.",
+                )
+        else:
+            raise NbalignError(
+                f"Row {i} of the {what} has no `prompt`.", f"give {PAIR_FORMAT}; the prompt is what both answer."
+            )
+        if not _text(chosen) or not _text(rejected):
+            empty.append(i)
+        elif _text(chosen) == _text(rejected):
+            same.append(i)
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if empty:
+        raise NbalignError(
+            f"Rows {_rows(empty)} of the {what} have an empty chosen or rejected answer.",
+            "fill them in or drop them; a pair needs two answers to compare.",
+        )
+    if same:
+        raise NbalignError(
+            f"Rows {_rows(same)} of the {what} have identical chosen and rejected answers, which teach nothing and "
+            "only add noise.",
+            "drop them, e.g. df[df.chosen != df.rejected].",
+        )
+    return out
+
+
+def _rows(indices: list[int]) -> str:
+    shown = ", ".join(str(i) for i in indices[:8])
+    return shown + (f" and {len(indices) - 8} more" if len(indices) > 8 else "")
+
+
+def parse_label(value: Any, i: int, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1, -1):
+        return value == 1
+    text = str(value).strip().lower()
+    if text in _UP:
+        return True
+    if text in _DOWN:
+        return False
+    raise NbalignError(
+        f"Row {i} of the {what} has label {value!r}, which is neither thumbs up nor thumbs down.",
+        "use true/false (or 1/0, up/down).",
+    )
+
+
+def to_unpaired(records: list[dict], what: str = "data", unpair: bool = False) -> list[dict]:
+    """Normalise thumbs data to conversational {"prompt", "completion", "label"}. With `unpair`, pairs become
+    two rows each: the chosen answer labelled up, the rejected one down."""
+    columns = sorted({k for r in records for k in r})
+    if {"chosen", "rejected"} <= set(columns):
+        if not unpair:
+            raise NbalignError(
+                f"The {what} holds preference pairs ({PAIR_FORMAT}), but %%kto learns from unpaired thumbs.",
+                "pass --unpair to split each pair into a thumbs-up and a thumbs-down row, or use %%dpo for pairs.",
+            )
+        out = []
+        for pair in to_pairs(records, what):
+            out.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+            out.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+        return out
+    if not {"prompt", "completion", "label"} <= set(columns):
+        raise NbalignError(
+            f"The {what} has columns {columns}, but %%kto needs {UNPAIRED_FORMAT}.",
+            _pair_hint(columns, UNPAIRED_FORMAT),
+        )
+    out, empty = [], []
+    for i, row in enumerate(records):
+        prompt = _as_messages(row["prompt"], "user", i, what)
+        completion = _as_messages(row["completion"], "assistant", i, what)
+        if not _text(completion):
+            empty.append(i)
+        out.append({"prompt": prompt, "completion": completion, "label": parse_label(row["label"], i, what)})
+    if empty:
+        raise NbalignError(f"Rows {_rows(empty)} of the {what} have an empty completion.", "fill them in or drop them.")
+    return out
+
+
+def prompt_lengths(rows: list[dict], tokenizer) -> list[int]:
+    """Tokens in each row's prompt as the model will see it (chat template and generation prompt)."""
+    return [len(tokenizer(prompt_text(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]) for r in rows]
+
+
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(m["content"] + "\n" for m in messages)
+
+
+def check_prompt_lengths(rows: list[dict], tokenizer, max_length: int, what: str, method: str) -> None:
+    """Prompts that fill max_length leave no room for the answer the loss is computed on: refuse them."""
+    lengths = prompt_lengths(rows, tokenizer)
+    long = [i for i, n in enumerate(lengths) if n >= max_length - 1]
+    if long:
+        raise NbalignError(
+            f"{method}: the prompts of rows {_rows(long)} of the {what} take {max(lengths[i] for i in long)} tokens, "
+            f"which leaves no room for an answer within max_length {max_length}.",
+            f"raise --max-length above {max(lengths) + 64}, or shorten or drop those prompts.",
+        )

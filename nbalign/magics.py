@@ -11,10 +11,10 @@ import typing
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from .errors import NbalignError, unknown_option
-from .specs import AdapterSpec, SFTSpec, Spec, _base_type
+from .specs import AdapterSpec, DPOSpec, KTOSpec, RewardSpec, RLHFSpec, SFTSpec, Spec, _base_type
 
-# Spec fields whose value may name a notebook variable.
-NAMESPACE_FIELDS = {"data", "eval_data"}
+# Spec fields whose value may name a notebook variable (or, for `reward`, a list of them).
+NAMESPACE_FIELDS = {"data", "eval_data", "general_text", "reward"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,21 +110,54 @@ SFT_PARSER = build_parser(
     "Uses the session's %%lora setting. Returns a Run (shown as a summary).\n\n"
     "  %%sft --data chats --out runs/json-sft -o run\n  epochs: 3\n  learning_rate: 2.0e-4",
 )
+DPO_PARSER = build_parser(
+    DPOSpec, "%%dpo",
+    "Direct preference optimisation from pairs: `prompt`, `chosen`, `rejected` (text or messages).\n"
+    "With an adapter the reference is the model with the adapter switched off. Loss types: DPO's family,\n"
+    "weighted mixtures, and the reference-free simpo and orpo. Shows held-out preference accuracy, KL to\n"
+    "the reference, answer length and perplexity before, during and after training.\n\n"
+    "  %%dpo --model runs/json-sft --data prefs --eval-data heldout --out runs/dpo1\n  beta: 0.1\n  loss: sigmoid",
+)
+KTO_PARSER = build_parser(
+    KTOSpec, "%%kto",
+    "KTO from unpaired thumbs: `prompt`, `completion`, `label` (true = thumbs up). Skewed classes are\n"
+    "balanced automatically; --unpair accepts preference pairs.\n\n"
+    "  %%kto --model runs/json-sft --data thumbs --out runs/kto1",
+)
+REWARD_PARSER = build_parser(
+    RewardSpec, "%%reward_model",
+    "Train a reward model (a scalar score head on the base) on pairs: `prompt`, `chosen`, `rejected`.\n"
+    "Reports held-out pairwise accuracy; the result scores new answers: rm.score(prompt, response).\n\n"
+    "  %%reward_model --data prefs --eval-data heldout --out runs/rm1 -o rm",
+)
+RLHF_PARSER = build_parser(
+    RLHFSpec, "%%rlhf",
+    "Online RL (GRPO or RLOO): the model answers the prompts in --data, --reward scores the answers (a\n"
+    "%%reward_model run folder, or Python functions `f(prompts, completions, **kw) -> list[float]` named\n"
+    "in the notebook), and the policy moves to higher reward with a KL penalty to the reference.\n\n"
+    "  %%rlhf --model runs/json-sft --data prompts --reward runs/rm1 --out runs/rl1",
+)
 NBALIGN_USAGE = """%nbalign runs [ROOT]   list past runs (default ROOT: runs)
 %nbalign lora          show the session's adapter setting
 %nbalign reset         back to the default adapter; free the model kept for generation
-%nbalign help          this help; `%%lora --help`, `%%sft --help` for each magic"""
+%nbalign help          this help; `%%sft --help`, `%%dpo --help`, ... for each magic"""
 
 
 @magics_class
 class NbalignMagics(Magics):
     def _resolve_names(self, values: dict) -> dict:
         ns = self.shell.user_ns if self.shell is not None else {}
+        def lookup(value):
+            if isinstance(value, str) and value.isidentifier() and value in ns:
+                return ns[value]
+            return value
+
         for key in NAMESPACE_FIELDS:
             value = values.get(key)
-            if isinstance(value, str) and value.isidentifier() and value in ns:
-                values[key] = ns[value]
-        return values
+            if key == "reward" and isinstance(value, str) and "," in value:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            values[key] = [lookup(v) for v in value] if key == "reward" and isinstance(value, list) else lookup(value)
+        return {k: v for k, v in values.items() if v is not None or k not in NAMESPACE_FIELDS}
 
     def _store(self, var: str | None, result) -> None:
         if var:
@@ -148,18 +181,44 @@ class NbalignMagics(Magics):
         self._store(var, report)
         return None
 
+    def _train(self, parser, function, line, cell):
+        try:
+            values, var = parse_cell(parser, line, cell)
+        except _HelpShown:
+            return None
+        result = function(**self._resolve_names(values))
+        self._store(var, result)
+        return result
+
     @line_cell_magic
     def sft(self, line, cell=None):
         from . import api
 
-        try:
-            values, var = parse_cell(SFT_PARSER, line, cell)
-        except _HelpShown:
-            return None
-        values = self._resolve_names(values)
-        result = api.sft(**values)
-        self._store(var, result)
-        return result
+        return self._train(SFT_PARSER, api.sft, line, cell)
+
+    @line_cell_magic
+    def dpo(self, line, cell=None):
+        from . import api
+
+        return self._train(DPO_PARSER, api.dpo, line, cell)
+
+    @line_cell_magic
+    def kto(self, line, cell=None):
+        from . import api
+
+        return self._train(KTO_PARSER, api.kto, line, cell)
+
+    @line_cell_magic
+    def reward_model(self, line, cell=None):
+        from . import api
+
+        return self._train(REWARD_PARSER, api.reward_model, line, cell)
+
+    @line_cell_magic
+    def rlhf(self, line, cell=None):
+        from . import api
+
+        return self._train(RLHF_PARSER, api.rlhf, line, cell)
 
     @line_magic
     def nbalign(self, line):
@@ -186,6 +245,10 @@ class NbalignMagics(Magics):
 # `%%sft?` shows the same text as `%%sft --help`.
 NbalignMagics.lora.__doc__ = _magic_doc(LORA_PARSER)
 NbalignMagics.sft.__doc__ = _magic_doc(SFT_PARSER)
+NbalignMagics.dpo.__doc__ = _magic_doc(DPO_PARSER)
+NbalignMagics.kto.__doc__ = _magic_doc(KTO_PARSER)
+NbalignMagics.reward_model.__doc__ = _magic_doc(REWARD_PARSER)
+NbalignMagics.rlhf.__doc__ = _magic_doc(RLHF_PARSER)
 NbalignMagics.nbalign.__doc__ = NBALIGN_USAGE
 
 

@@ -200,18 +200,30 @@ def quantization_config(adapter: AdapterSpec, device: Device):
     )
 
 
-def load_model(ref: ModelRef, device: Device, adapter: AdapterSpec | None = None):
+def load_model(ref: ModelRef, device: Device, adapter: AdapterSpec | None = None, head: str = "causal"):
     """The base weights with every parent run's adapter merged in, on `device`, ready for an adapter.
 
     A 4-bit base is loaded from a merged folder on disk (merging needs full-precision weights), which is
-    written once into the parent run folder and reused.
+    written once into the parent run folder and reused. `head="score"` puts a one-output sequence
+    classification head on the model (a reward model) instead of the language-model head.
     """
     from transformers import AutoModelForCausalLM
 
     quant = quantization_config(adapter, device) if adapter else None
     source = ref.base
-    if ref.parents and quant is not None:
+    if ref.parents and (quant is not None or head == "score"):
         source = str(merged_folder(ref))
+    if head == "score":
+        from transformers import AutoModelForSequenceClassification
+
+        kwargs = {"dtype": device.dtype, "num_labels": 1}
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+            kwargs["device_map"] = {"": 0} if device.type == "cuda" else {"": "cpu"}
+        model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = load_tokenizer(ref).pad_token_id
+        return model if quant is not None else model.to(device.type)
     kwargs = {"dtype": device.dtype}
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -299,7 +311,7 @@ def check_targets(model, adapter: AdapterSpec, model_name: str) -> None:
         )
 
 
-def apply_adapter(model, adapter: AdapterSpec, seed: int):
+def apply_adapter(model, adapter: AdapterSpec, seed: int, task_type: str = "CAUSAL_LM"):
     """Wrap `model` for training as the adapter spec says; full fine-tuning returns it unchanged."""
     if adapter.type == "full":
         model.requires_grad_(True)
@@ -317,7 +329,7 @@ def apply_adapter(model, adapter: AdapterSpec, seed: int):
         target_modules=adapter.target_modules,
         use_dora=adapter.type == "dora",
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,  # SEQ_CLS also trains and saves the new score head
     )
     torch.manual_seed(seed)
     return get_peft_model(model, config)

@@ -29,29 +29,11 @@ class SFT(base.Method):
 
     def config_defaults(self, spec: SFTSpec, device, adapter, steps: int) -> dict:
         return {
-            "num_train_epochs": spec.epochs,
+            **base.common_defaults(spec, device, steps),
             "learning_rate": spec.learning_rate or (2e-5 if adapter.type == "full" else 2e-4),
-            "per_device_train_batch_size": spec.batch_size,
-            "per_device_eval_batch_size": spec.batch_size,
             "max_length": spec.max_length,
             "packing": spec.packing,
             "completion_only_loss": spec.completion_only_loss,
-            "seed": spec.seed,
-            # Checkpointing trades time (1.3x measured in fp32, bench/) for memory a model this size does not need.
-            "activation_checkpointing": False,
-            "bf16": device.bf16,
-            "fp16": False,
-            "use_cpu": device.type == "cpu",
-            "dataloader_pin_memory": device.type == "cuda",
-            # About 50 points on the loss curve, whatever the run length.
-            "logging_steps": max(1, steps // 50),
-            "eval_strategy": "epoch" if spec.eval_data is not None else "no",
-            # Checkpoints for --resume after a crash; an interrupt saves one on its own.
-            "save_strategy": "steps",
-            "save_steps": max(25, steps // 4),
-            "save_total_limit": 1,
-            "report_to": "none",
-            "dataset_num_proc": None,
         }
 
     def build_trainer(self, plan: base.Plan, model, callbacks):

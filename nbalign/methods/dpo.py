@@ -1,0 +1,91 @@
+"""%%dpo: preference optimisation from pairs. DPO and its loss family through TRL's DPOTrainer; SimPO
+through TRL's CPOTrainer and ORPO through its ORPOTrainer (both reference-free).
+
+Defaults make generations move, not only the implicit reward: an SFT term on the chosen answers
+(`sft_weight`, as in RPO) is added to the preference loss, because off-policy pairs otherwise let DPO win
+every pair by pushing the rejected answers down while its answers do not change (../shared/notes).
+With an adapter the reference is the adapter switched off: no second copy of the model is loaded.
+"""
+
+from __future__ import annotations
+
+from ..data import to_pairs
+from ..specs import DPOSpec
+from . import base
+from .preference import PreferenceMethod
+
+
+class DPO(PreferenceMethod):
+    name = "dpo"
+
+    @property
+    def config_class(self):
+        free = self.spec.reference_free
+        if free == "simpo":
+            from trl.experimental.cpo import CPOConfig
+
+            return CPOConfig
+        if free == "orpo":
+            from trl.experimental.orpo import ORPOConfig
+
+            return ORPOConfig
+        from trl import DPOConfig
+
+        return DPOConfig
+
+    def rows(self, records, what):
+        return to_pairs(records, what)
+
+    def beta(self, spec: DPOSpec) -> float:
+        return spec.beta or (2.0 if spec.reference_free == "simpo" else 0.1)
+
+    def precompute(self, spec: DPOSpec, adapter) -> bool:
+        """Reference log-probs once before training, when that is cheaper: with full fine-tuning it saves
+        a second copy of the model, and over several epochs it saves a reference pass per epoch."""
+        if spec.precompute_ref != "auto":
+            return bool(spec.precompute_ref)
+        return adapter.type == "full" or spec.epochs > 1
+
+    def config_defaults(self, spec: DPOSpec, device, adapter, steps: int) -> dict:
+        values = {
+            **base.common_defaults(spec, device, steps),
+            "learning_rate": spec.learning_rate or (5e-6 if adapter.type == "full" else 2e-4),
+            "max_length": spec.max_length,
+            "beta": self.beta(spec),
+        }
+        free = spec.reference_free
+        if free == "simpo":
+            values.update(loss_type="simpo", cpo_alpha=spec.sft_weight)
+        elif free == "orpo":
+            pass  # ORPO's loss already holds the SFT term; beta weighs the odds-ratio term
+        else:
+            losses = dict(spec.loss)
+            if spec.sft_weight > 0:
+                losses["sft"] = losses.get("sft", 0.0) + spec.sft_weight
+            values.update(
+                loss_type=list(losses),
+                loss_weights=list(losses.values()),
+                precompute_ref_log_probs=self.precompute(spec, adapter),
+            )
+        return values
+
+    def build_trainer(self, plan: base.Plan, model, callbacks):
+        free = plan.spec.reference_free
+        if free == "simpo":
+            from trl.experimental.cpo import CPOTrainer as Trainer
+        elif free == "orpo":
+            from trl.experimental.orpo import ORPOTrainer as Trainer
+        else:
+            from trl import DPOTrainer as Trainer
+        return Trainer(
+            model=model,
+            args=plan.config,
+            train_dataset=plan.train_dataset,
+            eval_dataset=plan.eval_dataset,
+            processing_class=plan.tokenizer,
+            callbacks=callbacks,
+        )
+
+
+def dpo(spec: DPOSpec):
+    return base.run(DPO(spec), spec)

@@ -1,0 +1,64 @@
+"""What the methods that learn from comparisons share: conversational datasets, and the evaluation watch
+(before, during and after training) whose result is shown at the end of the run."""
+
+from __future__ import annotations
+
+from ..data import check_prompt_lengths, load_records
+from ..specs import PreferenceSpec
+from . import base
+
+
+class PreferenceMethod(base.Method):
+    """A base.Method that measures nbalign.evaluate's metrics while it trains (see callbacks.AlignmentWatch)."""
+
+    def __init__(self, spec: PreferenceSpec):
+        self.spec = spec
+        self.watch = None
+        self.eval_rows = None
+
+    # Subclasses: rows(records, what) -> normalised rows; beta(spec) -> the implicit reward's beta.
+    def rows(self, records: list[dict], what: str) -> list[dict]:
+        raise NotImplementedError
+
+    def beta(self, spec) -> float:
+        return getattr(spec, "beta", None) or 0.1
+
+    def build_datasets(self, spec: PreferenceSpec, tokenizer):
+        from datasets import Dataset
+
+        train_rows = self.rows(load_records(spec.data, "training data"), "training data")
+        check_prompt_lengths(train_rows, tokenizer, spec.max_length, "training data", f"%%{self.name}")
+        evals = None
+        if spec.eval_data is not None:
+            self.eval_rows = load_records(spec.eval_data, "eval data")
+            eval_rows = self.rows(self.eval_rows, "eval data")
+            check_prompt_lengths(eval_rows, tokenizer, spec.max_length, "eval data", f"%%{self.name}")
+            evals = Dataset.from_list(eval_rows)
+        self.train_records = load_records(spec.data, "training data")
+        return Dataset.from_list(train_rows), evals, len(train_rows)
+
+    def extra_callbacks(self, plan: base.Plan) -> list:
+        from ..callbacks import AlignmentWatch
+        from ..evaluate import eval_data
+
+        spec = plan.spec
+        if self.eval_rows is not None:
+            data = eval_data(self.eval_rows, spec.general_text, source="held-out", limit=32)
+        else:  # no held-out data: watch a sample of the training rows, and say so
+            data = eval_data(self.train_records, spec.general_text, source="training (no eval_data given)", limit=16)
+        self.watch = AlignmentWatch(data, plan.tokenizer, self.beta(spec), spec.eval_points, spec.eval_max_new_tokens)
+        return [self.watch]
+
+    def finish(self, plan: base.Plan, trainer) -> dict:
+        from ..evaluate import Evaluation, save
+
+        if self.watch is None or self.watch.first is None or self.watch.last is None:
+            return {}
+        before = dict(self.watch.first)
+        # At step 0 the policy is the reference: its implicit rewards are all zero (chance) and its KL is zero.
+        before.update({k: v for k, v in (("accuracy", 0.5), ("margin", 0.0), ("chosen_logp_change", 0.0),
+                                         ("label_accuracy", 0.5), ("kl", 0.0)) if k in self.watch.last})
+        evaluation = Evaluation(before, self.watch.last, self.watch.data.source, self.watch.data.prompts)
+        save(evaluation, plan.out)
+        print(evaluation, flush=True)
+        return evaluation.summary()
