@@ -136,7 +136,7 @@ def rlhf(data: Any = None, reward: Any = None, model: str = BUILTIN_MODEL, out: 
 def evaluate(model: str, data: Any, reference: str | None = None, **options):
     """Held-out preference accuracy and margins, KL to the reference, answer length and general-text
     perplexity of `model` against `reference` (default: the model a run started from)."""
-    from .evaluate import evaluate as _evaluate
+    from .evaluation import evaluate as _evaluate
 
     return _evaluate(model, data, reference=reference, **options)
 

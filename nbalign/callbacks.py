@@ -189,7 +189,7 @@ class AlignmentWatch(TrainerCallback):
         self.trainer = trainer
 
     def reference(self, model):
-        from .evaluate import adapter_off, separate
+        from .evaluation import adapter_off, separate
 
         if hasattr(model, "disable_adapter"):
             return adapter_off(model)
@@ -197,9 +197,9 @@ class AlignmentWatch(TrainerCallback):
         return separate(ref) if ref is not None else None
 
     def measure(self, model, state) -> dict:
-        from .evaluate import measure
+        from .evaluation import measure
 
-        from .evaluate import separate
+        from .evaluation import separate
 
         model = getattr(model, "module", model)  # unwrap DDP
         reference = self.reference(model)

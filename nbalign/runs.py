@@ -164,6 +164,20 @@ class Run:
             )
         return generate(str(self.path), prompt, max_new_tokens=max_new_tokens, **kwargs)
 
+    def evaluate(self, data: Any, **options):
+        """Held-out preference accuracy, margins, KL to the reference, answer length and perplexity, before
+        (the reference) and after (this run): see nbalign.evaluate."""
+        from .evaluation import evaluate
+
+        return evaluate(str(self.path), data, **options)
+
+    @property
+    def evaluation(self):
+        """The evaluation measured at the end of training (preference methods), or None."""
+        from .evaluation import load
+
+        return load(self.path)
+
     def _plot_png(self) -> bytes | None:
         from .plots import loss_png
 
@@ -195,9 +209,12 @@ class Run:
         )
         png = self._plot_png()
         img = f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'/>" if png else ""
+        evaluation = self.evaluation if (self.path / "evaluation.json").is_file() else None
         return (
             f"<div><b>nbalign {html.escape(self.method)} run</b> <code>{html.escape(str(self.path))}</code>"
-            f"<div style='display:flex;gap:1em;align-items:flex-start'><table>{table}</table>{img}</div></div>"
+            f"<div style='display:flex;gap:1em;align-items:flex-start'><table>{table}</table>{img}</div>"
+            + (evaluation._repr_html_() if evaluation is not None else "")
+            + "</div>"
         )
 
 

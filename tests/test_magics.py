@@ -127,3 +127,40 @@ def test_load_ext_is_fast_and_loads_no_heavy_library():
     assert out.returncode == 0, out.stderr
     heavy, seconds = out.stdout.rsplit(" ", 1)
     assert float(seconds) < 1.0
+
+
+@pytest.fixture
+def engines(monkeypatch):
+    """Replace every preference engine: record (method, spec)."""
+    seen = []
+    for module, name in [("dpo", "dpo"), ("kto", "kto"), ("reward", "reward_model"), ("rlhf", "rlhf")]:
+        monkeypatch.setattr(f"nbalign.methods.{module}.{name}", lambda spec, name=name: seen.append((name, spec)))
+    return seen
+
+
+def test_preference_magics_build_their_specs(ip, engines):
+    from nbalign.specs import DPOSpec, KTOSpec, RewardSpec, RLHFSpec
+
+    ip.user_ns["prefs"] = [{"prompt": "a", "chosen": "b", "rejected": "c"}]
+    ip.run_cell_magic("dpo", "--model runs/json-sft --data prefs --out runs/dpo1",
+                      "beta: 0.2\nloss: {sigmoid: 0.8, bco_pair: 0.2}\nlabel_smoothing: 0.1\n")
+    ip.run_line_magic("kto", "--data prefs --unpair")
+    ip.run_line_magic("reward_model", "--data prefs --out runs/rm1")
+
+    def short(prompts, completions, **kw):
+        return [-len(c) for c in completions]
+
+    ip.user_ns["short"], ip.user_ns["kw"] = short, short
+    ip.run_cell_magic("rlhf", "--data prefs --reward short,kw", "algorithm: rloo")
+    (_, dpo), (_, kto), (_, rm), (_, rl) = engines
+    assert isinstance(dpo, DPOSpec) and dpo.beta == 0.2 and dpo.loss == {"sigmoid": 0.8, "bco_pair": 0.2}
+    assert dpo.model == "runs/json-sft" and dpo.data is ip.user_ns["prefs"] and dpo.trl == {"label_smoothing": 0.1}
+    assert isinstance(kto, KTOSpec) and kto.unpair is True
+    assert isinstance(rm, RewardSpec) and rm.out == "runs/rm1"
+    assert isinstance(rl, RLHFSpec) and rl.reward == [short, short] and rl.algorithm == "rloo"
+
+
+def test_preference_magics_have_help(ip, capsys):
+    for name in ("dpo", "kto", "reward_model", "rlhf"):
+        ip.run_line_magic(name, "--help")
+        assert f"%%{name}" in capsys.readouterr().out

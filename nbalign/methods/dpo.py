@@ -48,7 +48,7 @@ class DPO(PreferenceMethod):
 
     def config_defaults(self, spec: DPOSpec, device, adapter, steps: int) -> dict:
         values = {
-            **base.common_defaults(spec, device, steps),
+            **super().config_defaults(spec, device, adapter, steps),
             "learning_rate": spec.learning_rate or (5e-6 if adapter.type == "full" else 2e-4),
             "max_length": spec.max_length,
             "beta": self.beta(spec),
@@ -62,6 +62,8 @@ class DPO(PreferenceMethod):
             losses = dict(spec.loss)
             if spec.sft_weight > 0:
                 losses["sft"] = losses.get("sft", 0.0) + spec.sft_weight
+            if "exo_pair" in losses and "label_smoothing" not in spec.trl:
+                values["label_smoothing"] = 1e-3  # EXO needs a positive value; its paper recommends 1e-3
             values.update(
                 loss_type=list(losses),
                 loss_weights=list(losses.values()),

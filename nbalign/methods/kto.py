@@ -59,7 +59,7 @@ class KTO(PreferenceMethod):
             print(note, flush=True)
         precompute = spec.precompute_ref if spec.precompute_ref != "auto" else (adapter.type == "full" or spec.epochs > 1)
         return {
-            **base.common_defaults(spec, device, steps),
+            **super().config_defaults(spec, device, adapter, steps),
             "learning_rate": spec.learning_rate or (5e-6 if adapter.type == "full" else 2e-4),
             "max_length": spec.max_length,
             "beta": spec.beta,

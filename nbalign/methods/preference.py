@@ -28,18 +28,21 @@ class PreferenceMethod(base.Method):
 
         train_rows = self.rows(load_records(spec.data, "training data"), "training data")
         check_prompt_lengths(train_rows, tokenizer, spec.max_length, "training data", f"%%{self.name}")
-        evals = None
         if spec.eval_data is not None:
             self.eval_rows = load_records(spec.eval_data, "eval data")
             eval_rows = self.rows(self.eval_rows, "eval data")
             check_prompt_lengths(eval_rows, tokenizer, spec.max_length, "eval data", f"%%{self.name}")
-            evals = Dataset.from_list(eval_rows)
         self.train_records = load_records(spec.data, "training data")
-        return Dataset.from_list(train_rows), evals, len(train_rows)
+        # The held-out data goes to the watch (AlignmentWatch), which measures the implicit-reward accuracy
+        # TRL's own evaluation would, plus the answers, KL and perplexity; evaluating twice would double the cost.
+        return Dataset.from_list(train_rows), None, len(train_rows)
+
+    def config_defaults(self, spec, device, adapter, steps: int) -> dict:
+        return {**base.common_defaults(spec, device, steps), "eval_strategy": "no"}
 
     def extra_callbacks(self, plan: base.Plan) -> list:
         from ..callbacks import AlignmentWatch
-        from ..evaluate import eval_data
+        from ..evaluation import eval_data
 
         spec = plan.spec
         if self.eval_rows is not None:
@@ -50,7 +53,7 @@ class PreferenceMethod(base.Method):
         return [self.watch]
 
     def finish(self, plan: base.Plan, trainer) -> dict:
-        from ..evaluate import Evaluation, save
+        from ..evaluation import Evaluation, save
 
         if self.watch is None or self.watch.first is None or self.watch.last is None:
             return {}

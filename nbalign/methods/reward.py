@@ -1,0 +1,348 @@
+"""%%reward_model: a Bradley-Terry reward model (a scalar score head on the base) trained with TRL's
+RewardTrainer on (prompt, chosen, rejected) pairs, and RewardModel, the finished run that scores answers.
+
+Scores are computed on exactly the text TRL trained on: for conversational pairs (what nbalign passes to
+TRL) the model's chat template rendered over prompt + answer, `apply_chat_template(messages,
+tokenize=True)`, no generation prompt, padded on the right; the score head reads the last token that is
+not the pad token. GRPO and RLOO render a reward model's input the same way, so a RewardModel scores the
+same in a notebook, in training, and as the reward of %%rlhf.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..data import _as_messages, check_prompt_lengths, load_records, prompt_text, to_pairs
+from ..errors import NbalignError
+from ..runs import Run, read_status, write_json_atomic
+from ..specs import RewardSpec
+from . import base
+
+WHERE = "%%reward_model"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rendering and scoring, shared by training-time evaluation and RewardModel.
+
+
+def _has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode(tokenizer, prompt: list[dict], answer: list[dict]) -> list[int]:
+    """Token ids of one (prompt, answer) as TRL's RewardTrainer tokenizes a conversational pair: the chat
+    template over prompt + answer. Without a chat template nbalign passes TRL plain text instead (prompt
+    text, then the answer and EOS), tokenized with the tokenizer's special tokens, as TRL does."""
+    if _has_template(tokenizer):
+        return list(tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"])
+    text = prompt_text(tokenizer, prompt) + _answer_text(answer)
+    if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return list(tokenizer(text=text)["input_ids"])
+
+
+def _answer_text(answer: list[dict]) -> str:
+    return "".join(m["content"] for m in answer)
+
+
+def score_ids(model, tokenizer, sequences: list[list[int]], batch_size: int = 8) -> list[float]:
+    """The score head's output for each token sequence, batched and right-padded like TRL's collator."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    scores: list[float] = []
+    try:
+        for i in range(0, len(sequences), batch_size):
+            chunk = sequences[i : i + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, seq in enumerate(chunk):
+                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                mask[row, : len(seq)] = 1
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            scores.extend(float(v) for v in logits[:, 0].float().cpu())
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def pair_metrics(model, tokenizer, pairs: list[dict], batch_size: int = 8) -> dict:
+    """Pairwise accuracy (share of pairs where chosen scores above rejected) and the mean margin."""
+    chosen = score_ids(model, tokenizer, [encode(tokenizer, p["prompt"], p["chosen"]) for p in pairs], batch_size)
+    rejected = score_ids(model, tokenizer, [encode(tokenizer, p["prompt"], p["rejected"]) for p in pairs], batch_size)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    n = len(pairs)
+    return {
+        "pairs": n,
+        "accuracy": sum(m > 0 for m in margins) / n,
+        "margin": sum(margins) / n,
+        "mean_chosen": sum(chosen) / n,
+        "mean_rejected": sum(rejected) / n,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training method.
+
+
+class RewardMethod(base.Method):
+    name = "reward_model"
+
+    @property
+    def config_class(self):
+        from trl import RewardConfig
+
+        return RewardConfig
+
+    def build_datasets(self, spec: RewardSpec, tokenizer):
+        from datasets import Dataset
+
+        def prepare(data, what):
+            rows = to_pairs(load_records(data, what), what)
+            check_prompt_lengths(rows, tokenizer, spec.max_length, what, WHERE)
+            _check_pair_lengths(rows, tokenizer, spec.max_length, what)
+            if not _has_template(tokenizer):
+                # TRL needs a chat template for conversational pairs; a base model gets plain text.
+                rows = [
+                    {"prompt": prompt_text(tokenizer, r["prompt"]), "chosen": _answer_text(r["chosen"]),
+                     "rejected": _answer_text(r["rejected"])}
+                    for r in rows
+                ]
+            return Dataset.from_list(rows), len(rows)
+
+        train, n = prepare(spec.data, "training data")
+        evals = prepare(spec.eval_data, "eval data")[0] if spec.eval_data is not None else None
+        return train, evals, n
+
+    def config_defaults(self, spec: RewardSpec, device, adapter, steps: int) -> dict:
+        return {
+            "num_train_epochs": spec.epochs,
+            # LoRA on the built-in model and style_pairs: 2e-4 is past 0.9 held-out accuracy in 3 epochs (measured).
+            "learning_rate": spec.learning_rate or (1e-5 if adapter.type == "full" else 2e-4),
+            "per_device_train_batch_size": spec.batch_size,
+            "per_device_eval_batch_size": spec.batch_size,
+            "max_length": spec.max_length,
+            "center_rewards_coefficient": spec.center_rewards,
+            "seed": spec.seed,
+            "activation_checkpointing": False,
+            "bf16": device.bf16,
+            "fp16": False,
+            "use_cpu": device.type == "cpu",
+            "dataloader_pin_memory": device.type == "cuda",
+            "logging_steps": max(1, steps // 50),
+            "eval_strategy": "epoch" if spec.eval_data is not None else "no",
+            "save_strategy": "steps",
+            "save_steps": max(25, steps // 4),
+            "save_total_limit": 1,
+            "report_to": "none",
+            "dataset_num_proc": None,
+        }
+
+    def load_model(self, plan: base.Plan):
+        """The base with a fresh one-output score head; with an adapter, PEFT's SEQ_CLS task trains (and saves,
+        as modules_to_save) the head next to the LoRA weights."""
+        import torch
+
+        from ..models import apply_adapter, load_model
+
+        torch.manual_seed(plan.spec.seed)  # the new head is random: make it the same each run
+        model = load_model(plan.ref, plan.device, plan.adapter, head="score")
+        return apply_adapter(model, plan.adapter, plan.spec.seed, task_type="SEQ_CLS")
+
+    def build_trainer(self, plan: base.Plan, model, callbacks):
+        from trl import RewardTrainer
+
+        return RewardTrainer(
+            model=model,
+            args=plan.config,
+            train_dataset=plan.train_dataset,
+            eval_dataset=plan.eval_dataset,
+            processing_class=plan.tokenizer,
+            callbacks=callbacks,
+        )
+
+    def finish(self, plan: base.Plan, trainer) -> dict:
+        """Pairwise accuracy and margin of the trained model on the eval data, or on the training pairs (marked
+        as such) when there is none; also written to <run>/evaluation.json."""
+        heldout = plan.spec.eval_data is not None
+        split = "heldout" if heldout else "train"
+        raw = plan.eval_dataset if heldout else plan.train_dataset
+        pairs = [_as_pair(row) for row in raw.to_list()]
+        metrics = pair_metrics(trainer.model, plan.tokenizer, pairs, batch_size=plan.spec.batch_size)
+        payload = {
+            "split": split,
+            "note": None if heldout else "no eval_data was given: these are the training pairs, not held-out ones",
+            **metrics,
+        }
+        write_json_atomic(plan.out / "evaluation.json", {k: v for k, v in payload.items() if v is not None})
+        return {f"{split}_accuracy": round(metrics["accuracy"], 4), f"{split}_margin": round(metrics["margin"], 4)}
+
+
+def _as_pair(row: dict) -> dict:
+    """A dataset row back as message lists (rows of a template-less model were flattened to text)."""
+    if isinstance(row["prompt"], str):
+        # prompt_text() of a template-less tokenizer is the user text plus "\n": encode() adds it back.
+        return {
+            "prompt": [{"role": "user", "content": row["prompt"][:-1] if row["prompt"].endswith("\n") else row["prompt"]}],
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}],
+        }
+    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+
+
+def _check_pair_lengths(rows: list[dict], tokenizer, max_length: int, what: str) -> None:
+    """TRL silently drops pairs longer than max_length; say so instead."""
+    long = [
+        i for i, r in enumerate(rows)
+        if max(len(encode(tokenizer, r["prompt"], r["chosen"])), len(encode(tokenizer, r["prompt"], r["rejected"])))
+        > max_length
+    ]
+    if len(long) == len(rows):
+        raise NbalignError(
+            f"{WHERE}: every pair of the {what} is longer than max_length {max_length} tokens, and TRL skips those.",
+            "raise --max-length, or shorten the answers.",
+        )
+    if long:
+        print(f"nbalign: {len(long)} of {len(rows)} pairs of the {what} are longer than max_length {max_length} "
+              "tokens and are skipped (raise --max-length to keep them).")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A finished reward model run.
+
+
+def check_reward_run(path: str | Path, what: str = "reward model") -> Path:
+    """The folder of a finished %%reward_model run; anything else is an error that names the fix."""
+    from ..models import is_run_folder
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise NbalignError(f"The {what} '{path}' does not exist.", "pass the folder of a %%reward_model run (its --out).")
+    if not is_run_folder(folder):
+        raise NbalignError(
+            f"The {what} '{path}' is not an nbalign run folder (no spec.json/status.json).",
+            "pass the --out folder of a %%reward_model run.",
+        )
+    method = json.loads((folder / "spec.json").read_text()).get("method")
+    if method != "reward_model":
+        raise NbalignError(
+            f"The {what} '{path}' is a %%{method} run, not a reward model: it has no score head.",
+            "train one with %%reward_model on preference pairs and pass its --out folder.",
+        )
+    status = read_status(folder)
+    if status.get("status") != "finished":
+        raise NbalignError(
+            f"The reward model run '{path}' is {status.get('status', 'unknown')}, not finished, so it has no final "
+            "weights.",
+            f"finish it first (re-run its cell with --resume --out {path}), or pick a finished run.",
+        )
+    return folder
+
+
+def load_reward_model(path: str | Path, device=None):
+    """(model, tokenizer) of a finished reward model run: its base (parents merged) with the trained adapter
+    and score head merged in, in eval mode with no gradients. One plain SequenceClassification model."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..models import load_model, pick_device, quiet, resolve
+
+    folder = check_reward_run(path)
+    device = device or pick_device()
+    with quiet():
+        if (folder / "model" / "config.json").is_file():  # full fine-tuning saved the whole model
+            weights = folder / "model"
+            model = AutoModelForSequenceClassification.from_pretrained(weights, dtype=device.dtype).to(device.type)
+        else:
+            weights = folder / "adapter"
+            base_name = json.loads((folder / "spec.json").read_text())["spec"]["model"]
+            model = load_model(resolve(base_name), device, head="score")
+            model = PeftModel.from_pretrained(model, weights).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(weights)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _is_single(value: Any) -> bool:
+    """A string or one message list (not a list of prompts)."""
+    return isinstance(value, str) or (isinstance(value, list) and bool(value) and isinstance(value[0], dict))
+
+
+class RewardModel(Run):
+    """A finished %%reward_model run: `score(prompt, response)` rates answers, `accuracy(pairs)` checks it on
+    held-out pairs. The model is loaded once and kept (one model at a time, shared with generation)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        if self.method != "reward_model":
+            raise NbalignError(
+                f"'{self.path}' is a %%{self.method} run, not a %%reward_model run: it has no score head.",
+                f"use nbalign.Run('{self.path}') for it, or pass the folder of a %%reward_model run.",
+            )
+
+    def _loaded(self):
+        from ..session import session
+
+        check_reward_run(self.path)
+        status = self.path / "status.json"
+        key = f"reward:{self.path.resolve()}@{status.stat().st_mtime_ns}"
+        return session.cached_model(key, lambda: load_reward_model(self.path))
+
+    def score(self, prompt: Any, response: Any, batch_size: int = 8) -> float | list[float]:
+        """The reward of `response` to `prompt`. Each may be a string or a message list; pass lists of them to
+        score many at once (one prompt with a list of responses scores each response to that prompt)."""
+        single = _is_single(prompt) and _is_single(response)
+        prompts = [prompt] if _is_single(prompt) else list(prompt)
+        responses = [response] if _is_single(response) else list(response)
+        if len(prompts) == 1 and len(responses) > 1:
+            prompts = prompts * len(responses)
+        if len(prompts) != len(responses):
+            raise NbalignError(
+                f"score() got {len(prompts)} prompts and {len(responses)} responses.",
+                "pass one response per prompt, or one prompt with a list of responses.",
+            )
+        if not prompts:
+            return []
+        model, tokenizer = self._loaded()
+        ids = [
+            encode(tokenizer, _as_messages(p, "user", i, "prompts"), _as_messages(r, "assistant", i, "responses"))
+            for i, (p, r) in enumerate(zip(prompts, responses))
+        ]
+        scores = score_ids(model, tokenizer, ids, batch_size)
+        return scores[0] if single else scores
+
+    def accuracy(self, pairs: Any, batch_size: int = 8) -> dict:
+        """Pairwise accuracy and mean margin (score(chosen) - score(rejected)) on preference pairs in any
+        format %%reward_model accepts."""
+        rows = to_pairs(load_records(pairs, "pairs"), "pairs")
+        model, tokenizer = self._loaded()
+        return pair_metrics(model, tokenizer, rows, batch_size)
+
+    @property
+    def evaluation(self) -> dict:
+        """What the run measured when it finished (evaluation.json)."""
+        try:
+            return json.loads((self.path / "evaluation.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def __repr__(self) -> str:
+        s = self.summary
+        acc = next(((k, v) for k, v in s.items() if k.endswith("_accuracy")), None)
+        extra = f", {acc[0]}={acc[1]:.3f}" if acc else ""
+        return f"RewardModel({str(self.path)!r}, status={self.status!r}{extra})"
+
+
+def reward_model(spec: RewardSpec) -> RewardModel:
+    return RewardModel(base.run(RewardMethod(), spec).path)

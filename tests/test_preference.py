@@ -1,0 +1,168 @@
+"""%%dpo, %%kto and the evaluation on the tiny model: every loss type trains, data errors are clear,
+class balancing happens and is said, the evaluation measures what it claims."""
+
+import json
+
+import pytest
+from helpers import live_models
+
+import nbalign
+from nbalign import NbalignError
+from nbalign.examples import style_pairs, style_thumbs
+
+# Small and fast: the watch generates 4 tokens on 4 held-out prompts.
+FAST = dict(batch_size=4, max_steps=2, eval_points=0, eval_max_new_tokens=4, general_text=["A short text."])
+ALL_DPO_LOSSES = [
+    "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+]
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"])
+def test_each_named_loss_trains_a_few_steps(in_tmp, tiny_model, loss):
+    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out=f"runs/{loss}", loss=loss,
+                      eval_data=style_pairs("heldout")[:4], **FAST)
+    assert run.status == "finished" and run.summary["steps"] == 2
+    losses = [r["loss"] for r in run.metrics.to_dict("records") if r.get("loss") == r.get("loss") and "loss" in r]
+    assert losses and all(abs(v) < 1e4 for v in losses)
+    assert (run.path / "adapter" / "adapter_model.safetensors").is_file()
+    assert live_models() == 0
+
+
+def test_a_weighted_mixture_of_every_dpo_loss_trains(in_tmp, tiny_model):
+    weights = {name: round(1 / len(ALL_DPO_LOSSES), 3) for name in ALL_DPO_LOSSES}
+    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/mix", loss=weights, **FAST)
+    config = run.spec["trl_config"]
+    assert config["loss_type"] == ALL_DPO_LOSSES + ["sft"]  # sft_weight adds the SFT anchor
+    assert config["loss_weights"][-1] == 1.0
+    assert run.status == "finished"
+
+
+def test_dpo_defaults_and_reference_choices(in_tmp, tiny_model):
+    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/d", **FAST)
+    config = run.spec["trl_config"]
+    assert config["beta"] == 0.1 and config["loss_type"] == ["sigmoid", "sft"]
+    assert config["precompute_ref_log_probs"] is True  # 3 epochs: one reference pass instead of three
+    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/p", epochs=1, sft_weight=0, **FAST)
+    config = run.spec["trl_config"]
+    assert config["loss_type"] == ["sigmoid"] and config["precompute_ref_log_probs"] is False
+    simpo = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/s", loss="simpo", **FAST)
+    assert simpo.spec["trl_config"]["beta"] == 2.0 and simpo.spec["trl_config"]["loss_type"] == "simpo"
+
+
+def test_the_reference_is_the_adapter_switched_off_not_a_second_model(in_tmp, tiny_model, monkeypatch):
+    """With an adapter, TRL must get no ref_model and must not load one."""
+    import trl
+
+    seen = {}
+    original = trl.DPOTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen["ref_model"] = kwargs.get("ref_model")
+        original(self, *args, **kwargs)
+        seen["trainer_ref"] = self.ref_model
+
+    monkeypatch.setattr(trl.DPOTrainer, "__init__", spy)
+    nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/r", epochs=1, **FAST)
+    assert seen == {"ref_model": None, "trainer_ref": None}
+
+
+def test_the_evaluation_is_shown_saved_and_summarised(in_tmp, tiny_model, capsys):
+    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/e", eval_data=style_pairs("heldout")[:4],
+                      **{**FAST, "eval_points": 1, "max_steps": 3, "learning_rate": 5e-3})
+    out = capsys.readouterr().out
+    assert "preference accuracy" in out and "perplexity on general text" in out
+    saved = json.loads((run.path / "evaluation.json").read_text())
+    assert saved["source"] == "held-out"
+    assert saved["before"]["accuracy"] == 0.5 and saved["before"]["kl"] == 0.0
+    assert saved["after"]["kl"] > 0  # the adapter moved the policy away from the reference
+    assert len(saved["examples"]) == 4
+    summary = run.summary
+    for key in ("accuracy", "accuracy_before", "margin", "kl", "length", "length_before", "perplexity"):
+        assert key in summary
+    # The curves: the watch logged at the start, once in between, and at the end.
+    watched = [r for r in run.metrics.to_dict("records") if r.get("watch/accuracy") == r.get("watch/accuracy")
+               and "watch/accuracy" in r]
+    assert [r["step"] for r in watched] == [0, 2, 3]
+
+
+def test_evaluate_a_run_from_python(in_tmp, tiny_model):
+    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/ev", **{**FAST, "learning_rate": 5e-3})
+    evaluation = nbalign.evaluate(str(run.path), style_pairs("heldout")[:4], general_text=["Some text here."],
+                                  max_new_tokens=4)
+    assert evaluation.before["accuracy"] == 0.5
+    assert 0 <= evaluation.after["accuracy"] <= 1 and evaluation.after["kl"] > 0
+    assert evaluation.after["perplexity"] > 1
+    assert "preference accuracy" in repr(evaluation) and "<table>" in evaluation._repr_html_()
+    assert live_models() == 0
+    with pytest.raises(NbalignError, match="reference"):
+        nbalign.evaluate(tiny_model, style_pairs("heldout")[:2])
+
+
+def test_kto_balances_skewed_thumbs_and_says_so(in_tmp, tiny_model, capsys):
+    thumbs = style_thumbs()[:12]  # 7 up, 5 down
+    run = nbalign.kto(thumbs, model=tiny_model, out="runs/k", **FAST)
+    assert "7 thumbs up vs 5 down" in capsys.readouterr().out
+    config = run.spec["trl_config"]
+    assert config["desirable_weight"] == 1.0 and config["undesirable_weight"] == 1.4
+    assert run.status == "finished" and "label_accuracy" in run.summary
+    given = nbalign.kto(thumbs, model=tiny_model, out="runs/k2", undesirable_weight=1.5, **FAST)
+    assert given.spec["trl_config"]["undesirable_weight"] == 1.5
+
+
+def test_kto_takes_pairs_only_when_asked(in_tmp, tiny_model):
+    with pytest.raises(NbalignError, match="--unpair"):
+        nbalign.kto(style_pairs()[:4], model=tiny_model, out="runs/x", **FAST)
+    run = nbalign.kto(style_pairs()[:4], model=tiny_model, out="runs/u", unpair=True, **FAST)
+    assert run.spec["examples"] == 8 and run.status == "finished"
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"question": "q", "good": "a", "bad": "b"}], "rename the columns"),
+        ([{"prompt": "q", "chosen": "", "rejected": "b"}], "empty chosen or rejected"),
+        ([{"prompt": "q", "chosen": "same", "rejected": "same"}], "identical chosen and rejected"),
+        ([{"prompt": "q", "completion": "a", "label": True}], "%%kto"),
+        ([], "empty"),
+    ],
+)
+def test_bad_pairs_give_one_clear_error_and_write_nothing(in_tmp, tiny_model, rows, message):
+    with pytest.raises(NbalignError, match=message) as info:
+        nbalign.dpo(rows, model=tiny_model, out="runs/bad", **FAST)
+    assert "Fix:" in str(info.value)
+    assert not (in_tmp / "runs" / "bad").exists()
+
+
+def test_prompts_longer_than_max_length_are_refused(in_tmp, tiny_model):
+    rows = [{"prompt": "word " * 300, "chosen": "a", "rejected": "b"}]
+    with pytest.raises(NbalignError, match="max_length 128.*raise --max-length"):
+        nbalign.dpo(rows, model=tiny_model, out="runs/long", max_length=128, **FAST)
+
+
+def test_thumbs_labels_in_the_forms_people_write_them():
+    from nbalign.data import to_unpaired
+
+    rows = [{"prompt": "q", "completion": "a", "label": v} for v in (True, 1, "up", "👍", "false", 0, "down")]
+    assert [r["label"] for r in to_unpaired(rows)] == [True, True, True, True, False, False, False]
+    with pytest.raises(NbalignError, match="neither thumbs up nor thumbs down"):
+        to_unpaired([{"prompt": "q", "completion": "a", "label": "maybe"}])
+
+
+def test_pairs_with_an_implicit_prompt_are_split():
+    from nbalign.data import to_pairs
+
+    chosen = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    rejected = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey there, how can I help?"}]
+    (pair,) = to_pairs([{"chosen": chosen, "rejected": rejected}])
+    assert pair["prompt"] == chosen[:1] and pair["chosen"] == chosen[1:] and pair["rejected"] == rejected[1:]
+
+
+def test_dpo_spec_errors_name_the_fix():
+    from nbalign.specs import DPOSpec
+
+    with pytest.raises(NbalignError, match="did you mean 'sigmoid'"):
+        DPOSpec.from_dict({"data": [1], "loss": "sigmod"})
+    with pytest.raises(NbalignError, match="cannot be mixed"):
+        DPOSpec.from_dict({"data": [1], "loss": {"simpo": 1, "sigmoid": 1}})
+    assert DPOSpec.from_dict({"data": [1], "loss": "ipo+hinge"}).loss == {"ipo": 1.0, "hinge": 1.0}
