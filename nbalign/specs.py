@@ -270,6 +270,7 @@ class SFTSpec(TrainSpec):
 class PreferenceSpec(TrainSpec):
     """Options shared by the methods that learn from comparisons: the evaluation they show."""
 
+    watch: bool = opt(True, "measure the evaluation before, during and after training (shown at the end)")
     general_text: Any = opt(None, "text for the forgetting watch (perplexity before/after); default: built-in English")
     eval_points: int = opt(2, "evaluations during training, for the curves (0: only before and after)")
     eval_max_new_tokens: int = opt(64, "tokens generated per held-out prompt for the length and KL watch")

@@ -28,23 +28,30 @@ class PreferenceMethod(base.Method):
 
         train_rows = self.rows(load_records(spec.data, "training data"), "training data")
         check_prompt_lengths(train_rows, tokenizer, spec.max_length, "training data", f"%%{self.name}")
+        evals = None
         if spec.eval_data is not None:
             self.eval_rows = load_records(spec.eval_data, "eval data")
             eval_rows = self.rows(self.eval_rows, "eval data")
             check_prompt_lengths(eval_rows, tokenizer, spec.max_length, "eval data", f"%%{self.name}")
+            # With the watch on, the held-out data goes to it (AlignmentWatch measures the implicit-reward
+            # accuracy TRL's evaluation would, plus answers, KL and perplexity); evaluating twice doubles the cost.
+            evals = None if spec.watch else Dataset.from_list(eval_rows)
         self.train_records = load_records(spec.data, "training data")
-        # The held-out data goes to the watch (AlignmentWatch), which measures the implicit-reward accuracy
-        # TRL's own evaluation would, plus the answers, KL and perplexity; evaluating twice would double the cost.
-        return Dataset.from_list(train_rows), None, len(train_rows)
+        return Dataset.from_list(train_rows), evals, len(train_rows)
 
     def config_defaults(self, spec, device, adapter, steps: int) -> dict:
-        return {**base.common_defaults(spec, device, steps), "eval_strategy": "no"}
+        values = base.common_defaults(spec, device, steps)
+        if spec.watch:
+            values["eval_strategy"] = "no"
+        return values
 
     def extra_callbacks(self, plan: base.Plan) -> list:
         from ..callbacks import AlignmentWatch
         from ..evaluation import eval_data
 
         spec = plan.spec
+        if not spec.watch:
+            return []
         if self.eval_rows is not None:
             data = eval_data(self.eval_rows, spec.general_text, source="held-out", limit=32)
         else:  # no held-out data: watch a sample of the training rows, and say so
