@@ -176,8 +176,9 @@ class AlignmentWatch(TrainerCallback):
     and at the end, and logs it as `watch/<metric>` rows so the live display and metrics.jsonl carry the
     curves. The reference is the model with its adapter switched off, or the trainer's reference model."""
 
-    def __init__(self, data, tokenizer, beta: float, points: int, max_new_tokens: int):
+    def __init__(self, data, tokenizer, beta: float, points: int, max_new_tokens: int, folder: Path | None = None):
         self.data, self.tokenizer, self.beta = data, tokenizer, beta
+        self.saved = Path(folder) / "evaluation_before.json" if folder is not None else None
         self.points, self.max_new_tokens = points, max_new_tokens
         self.trainer = None
         self.cache: dict = {}
@@ -213,8 +214,12 @@ class AlignmentWatch(TrainerCallback):
         return result
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 0:  # not on --resume: the reference numbers are the first run's
+        if state.global_step == 0:
             self.first = self.measure(model, state)
+            if self.saved is not None:
+                self.saved.write_text(json.dumps(self.first, default=float))
+        elif self.saved is not None and self.saved.is_file():  # --resume: the numbers from before training
+            self.first = json.loads(self.saved.read_text())
         if self.points and state.max_steps > 1:
             every = state.max_steps / (self.points + 1)
             self._at = {max(1, round(every * (k + 1))) for k in range(self.points)} - {state.max_steps}

@@ -166,3 +166,22 @@ def test_dpo_spec_errors_name_the_fix():
     with pytest.raises(NbalignError, match="cannot be mixed"):
         DPOSpec.from_dict({"data": [1], "loss": {"simpo": 1, "sigmoid": 1}})
     assert DPOSpec.from_dict({"data": [1], "loss": "ipo+hinge"}).loss == {"ipo": 1.0, "hinge": 1.0}
+
+
+def test_an_interrupted_dpo_run_resumes_and_still_shows_its_evaluation(in_tmp, tiny_model, monkeypatch):
+    from test_engine import _interrupt_at
+
+    from nbalign.callbacks import MetricsWriter
+
+    original = MetricsWriter.on_log
+    data = style_pairs()[:8]
+    options = {**FAST, "max_steps": 4, "learning_rate": 5e-3}
+    _interrupt_at(monkeypatch, step=2)
+    run = nbalign.dpo(data, model=tiny_model, out="runs/i", **options)
+    assert run.status == "interrupted" and not (run.path / "evaluation.json").exists()
+    monkeypatch.setattr(MetricsWriter, "on_log", original)
+    resumed = nbalign.dpo(data, model=tiny_model, out="runs/i", resume=True, **options)
+    assert resumed.status == "finished" and resumed.summary["steps"] == 4
+    # The "before" numbers were kept from the first start, measured on the untouched model.
+    assert resumed.evaluation.before["accuracy"] == 0.5 and "accuracy" in resumed.summary
+    assert live_models() == 0

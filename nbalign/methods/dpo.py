@@ -33,7 +33,7 @@ class DPO(PreferenceMethod):
 
         return DPOConfig
 
-    def rows(self, records, what):
+    def rows(self, records, what, held_out=False):
         return to_pairs(records, what)
 
     def beta(self, spec: DPOSpec) -> float:

@@ -19,8 +19,9 @@ class KTO(PreferenceMethod):
 
         return KTOConfig
 
-    def rows(self, records, what):
-        return to_unpaired(records, what, unpair=self.spec.unpair)
+    def rows(self, records, what, held_out=False):
+        # Held-out pairs are welcome: the evaluation measures preference accuracy on them.
+        return to_unpaired(records, what, unpair=self.spec.unpair or held_out)
 
     def build_datasets(self, spec: KTOSpec, tokenizer):
         train, evals, n = super().build_datasets(spec, tokenizer)

@@ -17,7 +17,7 @@ class PreferenceMethod(base.Method):
         self.eval_rows = None
 
     # Subclasses: rows(records, what) -> normalised rows; beta(spec) -> the implicit reward's beta.
-    def rows(self, records: list[dict], what: str) -> list[dict]:
+    def rows(self, records: list[dict], what: str, held_out: bool = False) -> list[dict]:
         raise NotImplementedError
 
     def beta(self, spec) -> float:
@@ -31,7 +31,7 @@ class PreferenceMethod(base.Method):
         evals = None
         if spec.eval_data is not None:
             self.eval_rows = load_records(spec.eval_data, "eval data")
-            eval_rows = self.rows(self.eval_rows, "eval data")
+            eval_rows = self.rows(self.eval_rows, "eval data", held_out=True)
             check_prompt_lengths(eval_rows, tokenizer, spec.max_length, "eval data", f"%%{self.name}")
             # With the watch on, the held-out data goes to it (AlignmentWatch measures the implicit-reward
             # accuracy TRL's evaluation would, plus answers, KL and perplexity); evaluating twice doubles the cost.
@@ -56,7 +56,8 @@ class PreferenceMethod(base.Method):
             data = eval_data(self.eval_rows, spec.general_text, source="held-out", limit=32)
         else:  # no held-out data: watch a sample of the training rows, and say so
             data = eval_data(self.train_records, spec.general_text, source="training (no eval_data given)", limit=16)
-        self.watch = AlignmentWatch(data, plan.tokenizer, self.beta(spec), spec.eval_points, spec.eval_max_new_tokens)
+        self.watch = AlignmentWatch(data, plan.tokenizer, self.beta(spec), spec.eval_points, spec.eval_max_new_tokens,
+                                    folder=plan.out)
         return [self.watch]
 
     def finish(self, plan: base.Plan, trainer) -> dict:
