@@ -77,8 +77,9 @@ def test_notebooks_are_committed_clean():
                 assert not cell.outputs and cell.execution_count is None, f"{path.name} has stored outputs"
 
 
-def test_lora_sft_notebook_reads_quick_mode_first():
-    nb = nbformat.read(NOTEBOOKS / "01_lora_sft.ipynb", as_version=4)
+@pytest.mark.parametrize("name", ["01_lora_sft.ipynb", "03_dpo.ipynb", "04_kto_thumbs.ipynb"])
+def test_notebooks_read_quick_mode_first(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     first = next(c for c in nb.cells if c.cell_type == "code")
     assert 'QUICK = os.environ.get("NBALIGN_QUICK") == "1"' in first.source
 
@@ -110,3 +111,52 @@ def test_lora_sft_notebook_runs_and_teaches_the_format(tmp_path, monkeypatch, ke
     # The rank sweep's plot and the loss curve were drawn.
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert images >= 2
+
+
+def images_in(nb, marker: str) -> int:
+    """PNG images drawn by the code cells whose source contains `marker`."""
+    return sum(
+        "image/png" in o.get("data", {})
+        for c in nb.cells
+        if c.cell_type == "code" and marker in c.source
+        for o in c.outputs
+    )
+
+
+def assert_no_errors(nb):
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+
+
+@pytest.mark.slow
+def test_dpo_notebook_runs_the_defaults_the_sweep_and_pure_dpo(tmp_path, monkeypatch, kernel_name):
+    monkeypatch.setenv("NBALIGN_QUICK", "1")
+    nb = execute("03_dpo.ipynb", tmp_path, kernel_name)
+    assert_no_errors(nb)
+
+    result = result_of(nb)
+    assert result["status"] == "finished"
+    assert result["n"] == 2  # quick mode: two held-out pairs
+    assert result["steps"] == 2  # quick mode: one epoch of two pairs at batch size 1
+    assert result["accuracy_before"] == 0.5  # the policy starts as the reference: every pair a tie
+    assert result["accuracy_after"] > 0.5, result  # quick mode reached 1.0 when written
+    assert 0 <= result["terse_before"] <= result["n"] and 0 <= result["terse_after"] <= result["n"]
+    assert result["kl"] > 0
+    assert result["betas"] == [0.1, 0.5]
+    assert result["sweep_status"] == ["finished", "finished"]
+    assert result["pure_status"] == "finished"
+    assert 0 <= result["pure_accuracy"] <= 1
+
+    for folder in ("dpo", "dpo-beta-0.5", "dpo-pure"):
+        run = tmp_path / "runs" / folder
+        assert json.loads((run / "status.json").read_text())["status"] == "finished", folder
+        assert (run / "evaluation.json").is_file() and (run / "adapter" / "adapter_config.json").is_file()
+    # The pure run really trained without the SFT term; the default run with it.
+    assert json.loads((tmp_path / "runs" / "dpo-pure" / "spec.json").read_text())["trl_config"]["loss_type"] == ["sigmoid"]
+    assert json.loads((tmp_path / "runs" / "dpo" / "spec.json").read_text())["trl_config"]["loss_type"] == ["sigmoid", "sft"]
+
+    text = stdout_of(nb)
+    assert "preference accuracy" in text  # the evaluation table, printed
+    # The curves and the beta sweep were plotted.
+    assert images_in(nb, "watch = metrics.dropna") >= 1
+    assert images_in(nb, "by_beta = pd.DataFrame") >= 1

@@ -10,8 +10,9 @@ import nbalign
 from nbalign import NbalignError
 from nbalign.examples import style_pairs, style_thumbs
 
-# Small and fast: the watch generates 4 tokens on 4 held-out prompts.
-FAST = dict(batch_size=4, max_steps=2, eval_points=0, eval_max_new_tokens=4, general_text=["A short text."])
+# Small and fast: no evaluation watch (WATCHED: 4 generated tokens, one short text) unless a test needs it.
+FAST = dict(batch_size=4, max_steps=2, watch=False)
+WATCHED = dict(batch_size=4, max_steps=2, eval_points=0, eval_max_new_tokens=4, general_text=["A short text."])
 ALL_DPO_LOSSES = [
     "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
     "apo_zero", "apo_down", "discopop", "sigmoid_norm",
@@ -69,7 +70,7 @@ def test_the_reference_is_the_adapter_switched_off_not_a_second_model(in_tmp, ti
 
 def test_the_evaluation_is_shown_saved_and_summarised(in_tmp, tiny_model, capsys):
     run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/e", eval_data=style_pairs("heldout")[:4],
-                      **{**FAST, "eval_points": 1, "max_steps": 3, "learning_rate": 5e-3})
+                      **{**WATCHED, "eval_points": 1, "max_steps": 3, "learning_rate": 5e-3})
     out = capsys.readouterr().out
     assert "preference accuracy" in out and "perplexity on general text" in out
     saved = json.loads((run.path / "evaluation.json").read_text())
@@ -101,7 +102,7 @@ def test_evaluate_a_run_from_python(in_tmp, tiny_model):
 
 def test_kto_balances_skewed_thumbs_and_says_so(in_tmp, tiny_model, capsys):
     thumbs = style_thumbs()[:12]  # 7 up, 5 down
-    run = nbalign.kto(thumbs, model=tiny_model, out="runs/k", **FAST)
+    run = nbalign.kto(thumbs, model=tiny_model, out="runs/k", **WATCHED)
     assert "7 thumbs up vs 5 down" in capsys.readouterr().out
     config = run.spec["trl_config"]
     assert config["desirable_weight"] == 1.0 and config["undesirable_weight"] == 1.4
@@ -175,7 +176,7 @@ def test_an_interrupted_dpo_run_resumes_and_still_shows_its_evaluation(in_tmp, t
 
     original = MetricsWriter.on_log
     data = style_pairs()[:8]
-    options = {**FAST, "max_steps": 4, "learning_rate": 5e-3}
+    options = {**WATCHED, "max_steps": 4, "learning_rate": 5e-3}
     _interrupt_at(monkeypatch, step=2)
     run = nbalign.dpo(data, model=tiny_model, out="runs/i", **options)
     assert run.status == "interrupted" and not (run.path / "evaluation.json").exists()

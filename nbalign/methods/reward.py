@@ -153,7 +153,8 @@ class RewardMethod(base.Method):
         from ..models import apply_adapter, load_model
 
         torch.manual_seed(plan.spec.seed)  # the new head is random: make it the same each run
-        model = load_model(plan.ref, plan.device, plan.adapter, head="score")
+        with _new_head_is_expected():
+            model = load_model(plan.ref, plan.device, plan.adapter, head="score")
         return apply_adapter(model, plan.adapter, plan.spec.seed, task_type="SEQ_CLS")
 
     def build_trainer(self, plan: base.Plan, model, callbacks):
@@ -263,7 +264,8 @@ def load_reward_model(path: str | Path, device=None):
         else:
             weights = folder / "adapter"
             base_name = json.loads((folder / "spec.json").read_text())["spec"]["model"]
-            model = load_model(resolve(base_name), device, head="score")
+            with _new_head_is_expected():  # the trained head comes with the adapter
+                model = load_model(resolve(base_name), device, head="score")
             model = PeftModel.from_pretrained(model, weights).merge_and_unload()
         tokenizer = AutoTokenizer.from_pretrained(weights)
     if tokenizer.pad_token is None:
@@ -274,9 +276,40 @@ def load_reward_model(path: str | Path, device=None):
     return model, tokenizer
 
 
+def _new_head_is_expected():
+    """Silence transformers' load report about the new score head (and the unused LM head), as TRL does."""
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    return suppress_seqcls_warning()
+
+
 def _is_single(value: Any) -> bool:
     """A string or one message list (not a list of prompts)."""
     return isinstance(value, str) or (isinstance(value, list) and bool(value) and isinstance(value[0], dict))
+
+
+class RewardEvaluation(dict):
+    """evaluation.json of a reward model run, shown as a small table in a notebook."""
+
+    LABELS = {
+        "accuracy": "pairwise accuracy (chosen scored above rejected)",
+        "margin": "mean margin score(chosen) - score(rejected)",
+        "mean_chosen": "mean score of chosen answers",
+        "mean_rejected": "mean score of rejected answers",
+        "pairs": "pairs",
+    }
+
+    def _repr_html_(self) -> str:
+        import html
+
+        where = "held-out pairs" if self.get("split") == "heldout" else "training pairs (no eval_data was given)"
+        rows = "".join(
+            f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(label)}</th>"
+            f"<td style='text-align:left'>{self[key]:.4g}</td></tr>"
+            for key, label in self.LABELS.items()
+            if isinstance(self.get(key), (int, float))
+        )
+        return f"<div><b>reward model evaluation</b> on {html.escape(where)}<table>{rows}</table></div>"
 
 
 class RewardModel(Run):
@@ -330,12 +363,12 @@ class RewardModel(Run):
         return pair_metrics(model, tokenizer, rows, batch_size)
 
     @property
-    def evaluation(self) -> dict:
-        """What the run measured when it finished (evaluation.json)."""
+    def evaluation(self) -> RewardEvaluation | None:
+        """What the run measured when it finished (evaluation.json): pairwise accuracy and margin."""
         try:
-            return json.loads((self.path / "evaluation.json").read_text())
+            return RewardEvaluation(json.loads((self.path / "evaluation.json").read_text()))
         except (OSError, ValueError):
-            return {}
+            return None
 
     def __repr__(self) -> str:
         s = self.summary
