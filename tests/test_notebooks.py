@@ -160,3 +160,33 @@ def test_dpo_notebook_runs_the_defaults_the_sweep_and_pure_dpo(tmp_path, monkeyp
     # The curves and the beta sweep were plotted.
     assert images_in(nb, "watch = metrics.dropna") >= 1
     assert images_in(nb, "by_beta = pd.DataFrame") >= 1
+
+
+@pytest.mark.slow
+def test_kto_notebook_balances_thumbs_and_unpairs_pairs(tmp_path, monkeypatch, kernel_name):
+    monkeypatch.setenv("NBALIGN_QUICK", "1")
+    nb = execute("04_kto_thumbs.ipynb", tmp_path, kernel_name)
+    assert_no_errors(nb)
+
+    result = result_of(nb)
+    assert result["status"] == "finished"
+    assert result["n"] == 2  # quick mode: two held-out pairs
+    # Quick mode: the first six thumbs, four up and two down, balanced by weighing each thumbs-down twice.
+    assert (result["rows"], result["n_up"], result["n_down"]) == (6, 4, 2)
+    assert (result["desirable_weight"], result["undesirable_weight"]) == (1.0, 2.0)
+    assert result["steps"] == 2  # one epoch of six rows at batch size 3
+    assert result["accuracy_before"] == 0.5
+    assert result["accuracy_after"] > 0.5, result  # quick mode reached 1.0 when written
+    assert result["kl"] > 0
+    assert result["unpair_status"] == "finished"
+    assert result["unpair_rows"] == 4 and result["unpair_weights"] == [1.0, 1.0]  # two pairs: balanced
+    assert 0 <= result["unpair_accuracy"] <= 1
+
+    text = stdout_of(nb)
+    assert "4 thumbs up vs 2 down; balanced with desirable_weight 1, undesirable_weight 2" in text
+    assert "preference accuracy" in text
+    for folder in ("kto", "kto-unpair"):
+        run = tmp_path / "runs" / folder
+        assert json.loads((run / "status.json").read_text())["status"] == "finished", folder
+        assert (run / "evaluation.json").is_file()
+    assert images_in(nb, "watch = metrics.dropna") >= 1  # the curves were plotted

@@ -84,7 +84,7 @@ def common_defaults(spec: TrainSpec, device, steps: int) -> dict:
         "seed": spec.seed,
         # Checkpointing trades time (1.3x measured in fp32, bench/) for memory a model this size does not need.
         "activation_checkpointing": False,
-        "bf16": device.bf16,
+        "bf16": device.train_bf16,
         "fp16": False,
         "use_cpu": device.type == "cpu",
         "dataloader_pin_memory": device.type == "cuda",

