@@ -401,6 +401,10 @@ def load(folder: Path) -> Evaluation | None:
         payload = json.loads((Path(folder) / "evaluation.json").read_text())
     except (OSError, ValueError):
         return None
+    if "before" not in payload:  # a reward model's pairwise accuracy (methods/reward.py)
+        from .methods.reward import RewardEvaluation
+
+        return RewardEvaluation(payload)
     examples = payload.get("examples", [])
     before = {**payload["before"], "answers": [e["before"] for e in examples]}
     after = {**payload["after"], "answers": [e["after"] for e in examples]}

@@ -47,7 +47,8 @@ def test_reward_model_magic_trains_and_scores_like_trl(tiny_model, in_tmp, ip):
 
     score = rm.score("What is 2 plus 2?", "Answer: 4.")
     assert isinstance(score, float)
-    as_messages = rm.score([{"role": "user", "content": "What is 2 plus 2?"}], [{"role": "assistant", "content": "Answer: 4."}])
+    as_messages = rm.score([{"role": "user", "content": "What is 2 plus 2?"}],
+                           [{"role": "assistant", "content": "Answer: 4."}])
     assert as_messages == pytest.approx(score)
     many = rm.score("What is 2 plus 2?", ["Answer: 4.", "Four, I think."])
     assert len(many) == 2 and all(isinstance(s, float) for s in many) and many[0] == pytest.approx(score)

@@ -74,6 +74,9 @@ class Method:
         """After training, with the model still loaded: numbers for the summary (e.g. the evaluation)."""
         return {}
 
+    def planned_steps(self, spec, n_examples: int, extra: dict) -> int:
+        return planned_steps(spec, n_examples, extra)
+
 
 def common_defaults(spec: TrainSpec, device, steps: int) -> dict:
     """TRL config values every method shares: length, batch, device, logging, checkpoints."""
@@ -161,7 +164,7 @@ def plan_run(method: Method, spec: TrainSpec) -> Plan:
     device = pick_device()
     tokenizer = load_tokenizer(ref)
     train_dataset, eval_dataset, n = method.build_datasets(spec, tokenizer)
-    steps = planned_steps(spec, n, extra)
+    steps = method.planned_steps(spec, n, extra)
     config = trl_config(method, spec, out, device, adapter, steps, extra)
     return Plan(spec, out, adapter, ref, device, tokenizer, train_dataset, eval_dataset, config, n, steps)
 
@@ -400,14 +403,18 @@ def _write_model_card(method: Method, plan: Plan, summary: dict) -> None:
         f"| device | {plan.device} |",
     ]
     lines += [f"| {k} | {v} |" for k, v in summary.items()]
+    rm = method.name == "reward_model"
+    auto = "AutoModelForSequenceClassification" if rm else "AutoModelForCausalLM"
+    kw = ", num_labels=1" if rm else ""
     if plan.adapter.type == "full":
-        usage = f'model = AutoModelForCausalLM.from_pretrained("{plan.out}/model")'
+        usage = f'model = {auto}.from_pretrained("{plan.out}/model")'
     else:
         usage = (
-            f'base = AutoModelForCausalLM.from_pretrained("{plan.ref.base}")  # merged with parent runs, if any\n'
+            f'base = {auto}.from_pretrained("{plan.ref.base}"{kw})  # merged with parent runs, if any\n'
             f'model = PeftModel.from_pretrained(base, "{plan.out}/adapter")'
         )
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM",
-              "from peft import PeftModel", usage, "```", "",
-              f"Or in a notebook: `nbalign.Run(\"{plan.out}\").generate(\"...\")`.", ""]
+    notebook = (f'nbalign.RewardModel("{plan.out}").score(prompt, answer)' if rm
+                else f'nbalign.Run("{plan.out}").generate("...")')
+    lines += ["", "## Use", "", "```python", f"from transformers import {auto}",
+              "from peft import PeftModel", usage, "```", "", f"Or in a notebook: `{notebook}`.", ""]
     (plan.out / "README.md").write_text("\n".join(lines), encoding="utf-8")

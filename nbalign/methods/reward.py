@@ -101,6 +101,9 @@ class RewardMethod(base.Method):
 
         return RewardConfig
 
+    def __init__(self):
+        self.pairs: dict[str, list[dict]] = {}  # conversational pairs as checked, for the final evaluation
+
     def build_datasets(self, spec: RewardSpec, tokenizer):
         from datasets import Dataset
 
@@ -108,6 +111,7 @@ class RewardMethod(base.Method):
             rows = to_pairs(load_records(data, what), what)
             check_prompt_lengths(rows, tokenizer, spec.max_length, what, WHERE)
             _check_pair_lengths(rows, tokenizer, spec.max_length, what)
+            self.pairs[what] = rows
             if not _has_template(tokenizer):
                 # TRL needs a chat template for conversational pairs; a base model gets plain text.
                 rows = [
@@ -159,8 +163,7 @@ class RewardMethod(base.Method):
         as such) when there is none; also written to <run>/evaluation.json."""
         heldout = plan.spec.eval_data is not None
         split = "heldout" if heldout else "train"
-        raw = plan.eval_dataset if heldout else plan.train_dataset
-        pairs = [_as_pair(row) for row in raw.to_list()]
+        pairs = self.pairs["eval data" if heldout else "training data"]
         # Without the mixed-precision wrapper: scored in the weights' own dtype, as RewardModel.score() does.
         model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         metrics = pair_metrics(model, plan.tokenizer, pairs, batch_size=plan.spec.batch_size)
@@ -173,25 +176,12 @@ class RewardMethod(base.Method):
         return {f"{split}_accuracy": round(metrics["accuracy"], 4), f"{split}_margin": round(metrics["margin"], 4)}
 
 
-def _as_pair(row: dict) -> dict:
-    """A dataset row back as message lists (rows of a template-less model were flattened to text)."""
-    if isinstance(row["prompt"], str):
-        # prompt_text() of a template-less tokenizer is the user text plus "\n": encode() adds it back.
-        return {
-            "prompt": [{"role": "user", "content": row["prompt"][:-1] if row["prompt"].endswith("\n") else row["prompt"]}],
-            "chosen": [{"role": "assistant", "content": row["chosen"]}],
-            "rejected": [{"role": "assistant", "content": row["rejected"]}],
-        }
-    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
-
-
 def _check_pair_lengths(rows: list[dict], tokenizer, max_length: int, what: str) -> None:
     """TRL silently drops pairs longer than max_length; say so instead."""
-    long = [
-        i for i, r in enumerate(rows)
-        if max(len(encode(tokenizer, r["prompt"], r["chosen"])), len(encode(tokenizer, r["prompt"], r["rejected"])))
-        > max_length
-    ]
+    def longest(r: dict) -> int:
+        return max(len(encode(tokenizer, r["prompt"], r["chosen"])), len(encode(tokenizer, r["prompt"], r["rejected"])))
+
+    long = [i for i, r in enumerate(rows) if longest(r) > max_length]
     if len(long) == len(rows):
         raise NbalignError(
             f"{WHERE}: every pair of the {what} is longer than max_length {max_length} tokens, and TRL skips those.",
@@ -211,8 +201,14 @@ def check_reward_run(path: str | Path, what: str = "reward model") -> Path:
     from ..models import is_run_folder
 
     folder = Path(path).expanduser()
+    if not folder.exists():
+        raise NbalignError(
+            f"The {what} '{path}' does not exist.", "pass the folder of a %%reward_model run (its --out)."
+        )
     if not folder.is_dir():
-        raise NbalignError(f"The {what} '{path}' does not exist.", "pass the folder of a %%reward_model run (its --out).")
+        raise NbalignError(
+            f"The {what} '{path}' is a file, not a run folder.", "pass the --out folder of a %%reward_model run."
+        )
     if not is_run_folder(folder):
         raise NbalignError(
             f"The {what} '{path}' is not an nbalign run folder (no spec.json/status.json).",

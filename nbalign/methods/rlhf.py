@@ -15,7 +15,13 @@ functions message lists. nbalign gives a function plain strings instead -- `comp
 text and `prompts` as the last user message's text -- unless its `completions` parameter is annotated
 with a message type (e.g. `completions: list[list[dict]]`) or it comes from the `trl` package (TRL's own
 reward functions expect messages). Unannotated, or annotated `list[str]`, means text: what a notebook
-function such as `lambda completions, **kw: [-len(c) for c in completions]` expects.
+function such as `lambda completions, **kw: [-len(c) for c in completions]` expects. Setting
+`f.nbalign_text = False` (or True) on a function decides it explicitly.
+
+A reward model run is loaded as one SequenceClassification model (base, parents and its adapter merged)
+and handed to TRL with its own tokenizer, which renders prompt + answer with the chat template exactly as
+the reward model was trained on (see methods/reward.py). Rewards are summed (TRL's `reward_weights` to
+weigh them) and logged per source as rewards/<name>/mean.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from . import base
 WHERE = "%%rlhf"
 PROMPT_FORMAT = "a list of prompt strings, or rows with a `prompt` column (text or a message list)"
 # Arguments TRL passes every reward function, besides the dataset's own columns.
-TRL_REWARD_ARGS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments"}
+TRL_REWARD_ARGS = {
+    "prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments",
+}
 # The logged curves (TRL 1.16 key names): mean reward, KL to the reference, mean answer length in tokens.
 REWARD_KEY, KL_KEY, LENGTH_KEY = "reward", "kl", "completions/mean_length"
 
@@ -165,11 +173,8 @@ def wrap_function(func, columns: set[str]) -> TextReward:
     available = TRL_REWARD_ARGS | columns
     named = {n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                          inspect.Parameter.KEYWORD_ONLY)}
-    required = [
-        n for n, p in params.items()
-        if p.default is inspect.Parameter.empty
-        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_ONLY)
-    ]
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_ONLY)
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty and p.kind in plain]
     unknown = [n for n in required if n not in available or params[n].kind is inspect.Parameter.POSITIONAL_ONLY]
     if unknown or not ("completions" in named or takes_kwargs):
         problem = (
@@ -311,7 +316,8 @@ class RLHF(base.Method):
         return Dataset.from_list(train), (Dataset.from_list(evals) if evals else None), len(train)
 
     def config_defaults(self, spec: RLHFSpec, device, adapter, steps: int) -> dict:
-        steps = self.planned_steps(spec, steps)
+        # base.planned_steps counts prompts, not answers: size the intervals on the real step count.
+        steps = self.planned_steps(spec, self.n_prompts, base.checked_trl_fields(self, spec))
         values = base.common_defaults(spec, device, steps)
         del values["dataset_num_proc"]  # GRPOConfig and RLOOConfig have no such field
         values.update({
@@ -331,18 +337,9 @@ class RLHF(base.Method):
         })
         return values
 
-    def planned_steps(self, spec: RLHFSpec, steps: int) -> int:
-        """Optimizer steps: base.planned_steps counts prompts / batch_size, but each prompt is answered
-        num_generations times and batch_size counts answers."""
-        try:
-            max_steps = int(float(spec.trl.get("max_steps") or -1))
-            accumulation = max(1, int(float(spec.trl.get("gradient_accumulation_steps") or 1)))
-        except (TypeError, ValueError):
-            return steps
-        if max_steps > 0:
-            return max_steps
-        answers = self.n_prompts * spec.num_generations
-        return max(1, int(-(-answers // (spec.batch_size * accumulation)) * spec.epochs))
+    def planned_steps(self, spec: RLHFSpec, n_examples: int, extra: dict) -> int:
+        """Optimizer steps: each prompt is answered num_generations times, and batch_size counts answers."""
+        return base.planned_steps(spec, n_examples * spec.num_generations, extra)
 
     def load_model(self, plan: base.Plan):
         model = super().load_model(plan)
@@ -401,7 +398,7 @@ def rl_summary(logs: list[dict], share: float = 0.2) -> dict:
     """Mean reward over the first and the last `share` of the logged steps, the final KL, and the mean answer
     length (tokens) first and last."""
     def window(key: str):
-        values = [r[key] for r in logs if r.get(key) is not None and "eval_" not in key and _finite(r[key])]
+        values = [r[key] for r in logs if _finite(r.get(key))]  # eval rows log eval_reward etc.
         if not values:
             return None, None, None
         k = max(1, round(len(values) * share))
@@ -425,4 +422,8 @@ def _finite(value) -> bool:
 
 
 def rlhf(spec: RLHFSpec) -> Run:
-    return base.run(RLHF(spec), spec)
+    # A RewardModel (or Run) object is recorded in spec.json as its folder.
+    reward = [str(r.path) if isinstance(r, Run) else r for r in _reward_items(spec.reward)]
+    if not isinstance(spec.reward, (list, tuple)):
+        reward = reward[0]
+    return base.run(RLHF(spec), spec.replace(reward=reward))
