@@ -26,6 +26,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) bench/bench_sft.py
+	$(PYTHON) bench/bench_pref.py
 
 clean:
 	rm -rf $(STAMP) runs build *.egg-info
