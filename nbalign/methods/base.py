@@ -56,8 +56,20 @@ class Method:
     def config_defaults(self, spec, device, adapter: AdapterSpec, steps: int) -> dict:
         raise NotImplementedError
 
-    def build_trainer(self, plan: Plan, model, callbacks: list):
+    def trainer_class(self):
+        """The TRL trainer class this method trains with."""
         raise NotImplementedError
+
+    def build_trainer(self, plan: Plan, model, callbacks: list, **extra):
+        return self.trainer_class()(
+            model=model,
+            args=plan.config,
+            train_dataset=plan.train_dataset,
+            eval_dataset=plan.eval_dataset,
+            processing_class=plan.tokenizer,
+            callbacks=callbacks,
+            **extra,
+        )
 
     def load_model(self, plan: Plan):
         """The model to train: the base (parents merged) with the session's adapter applied."""

@@ -14,24 +14,29 @@ from ..specs import DPOSpec
 from . import base
 from .preference import PreferenceMethod
 
+# The reference-free losses have their own TRL trainers.
+TRL_CLASSES = {"simpo": ("trl.experimental.cpo", "CPO"), "orpo": ("trl.experimental.orpo", "ORPO")}
+
 
 class DPO(PreferenceMethod):
     name = "dpo"
 
+    def _trl(self, kind: str):
+        """TRL's Config or Trainer class for the chosen loss: DPO's, or CPO's (SimPO) / ORPO's."""
+        import importlib
+        import warnings
+
+        module, prefix = TRL_CLASSES.get(self.spec.reference_free, ("trl", "DPO"))
+        with warnings.catch_warnings():  # TRL marks CPO/ORPO experimental; nbalign pins the TRL it tests with
+            warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+            return getattr(importlib.import_module(module), prefix + kind)
+
     @property
     def config_class(self):
-        free = self.spec.reference_free
-        if free == "simpo":
-            from trl.experimental.cpo import CPOConfig
+        return self._trl("Config")
 
-            return CPOConfig
-        if free == "orpo":
-            from trl.experimental.orpo import ORPOConfig
-
-            return ORPOConfig
-        from trl import DPOConfig
-
-        return DPOConfig
+    def trainer_class(self):
+        return self._trl("Trainer")
 
     def rows(self, records, what, held_out=False):
         return to_pairs(records, what)
@@ -70,23 +75,6 @@ class DPO(PreferenceMethod):
                 precompute_ref_log_probs=self.precompute(spec, adapter),
             )
         return values
-
-    def build_trainer(self, plan: base.Plan, model, callbacks):
-        free = plan.spec.reference_free
-        if free == "simpo":
-            from trl.experimental.cpo import CPOTrainer as Trainer
-        elif free == "orpo":
-            from trl.experimental.orpo import ORPOTrainer as Trainer
-        else:
-            from trl import DPOTrainer as Trainer
-        return Trainer(
-            model=model,
-            args=plan.config,
-            train_dataset=plan.train_dataset,
-            eval_dataset=plan.eval_dataset,
-            processing_class=plan.tokenizer,
-            callbacks=callbacks,
-        )
 
 
 def dpo(spec: DPOSpec):

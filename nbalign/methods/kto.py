@@ -69,17 +69,10 @@ class KTO(PreferenceMethod):
             "precompute_ref_log_probs": bool(precompute),
         }
 
-    def build_trainer(self, plan: base.Plan, model, callbacks):
+    def trainer_class(self):
         from trl import KTOTrainer
 
-        return KTOTrainer(
-            model=model,
-            args=plan.config,
-            train_dataset=plan.train_dataset,
-            eval_dataset=plan.eval_dataset,
-            processing_class=plan.tokenizer,
-            callbacks=callbacks,
-        )
+        return KTOTrainer
 
 
 def kto(spec: KTOSpec):

@@ -146,17 +146,10 @@ class RewardMethod(base.Method):
             model = load_model(plan.ref, plan.device, plan.adapter, head="score")
         return apply_adapter(model, plan.adapter, plan.spec.seed, task_type="SEQ_CLS")
 
-    def build_trainer(self, plan: base.Plan, model, callbacks):
+    def trainer_class(self):
         from trl import RewardTrainer
 
-        return RewardTrainer(
-            model=model,
-            args=plan.config,
-            train_dataset=plan.train_dataset,
-            eval_dataset=plan.eval_dataset,
-            processing_class=plan.tokenizer,
-            callbacks=callbacks,
-        )
+        return RewardTrainer
 
     def finish(self, plan: base.Plan, trainer) -> dict:
         """Pairwise accuracy and margin of the trained model on the eval data, or on the training pairs (marked

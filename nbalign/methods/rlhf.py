@@ -350,9 +350,12 @@ class RLHF(base.Method):
             model.config._name_or_path = str(merged_folder(plan.ref) if plan.ref.parents else plan.ref.base)
         return model
 
-    def build_trainer(self, plan: base.Plan, model, callbacks):
+    def trainer_class(self):
         from trl import GRPOTrainer, RLOOTrainer
 
+        return GRPOTrainer if self.algorithm == "grpo" else RLOOTrainer
+
+    def build_trainer(self, plan: base.Plan, model, callbacks):
         from .reward import load_reward_model
 
         funcs, processors = [], []
@@ -365,17 +368,7 @@ class RLHF(base.Method):
             else:
                 funcs.append(item)
                 processors.append(None)
-        trainer_class = GRPOTrainer if self.algorithm == "grpo" else RLOOTrainer
-        trainer = trainer_class(
-            model=model,
-            reward_funcs=funcs,
-            args=plan.config,
-            train_dataset=plan.train_dataset,
-            eval_dataset=plan.eval_dataset,
-            processing_class=plan.tokenizer,
-            reward_processing_classes=processors,
-            callbacks=callbacks,
-        )
+        trainer = super().build_trainer(plan, model, callbacks, reward_funcs=funcs, reward_processing_classes=processors)
         _reference_is_adapter_off(trainer)
         return trainer
 

@@ -36,17 +36,10 @@ class SFT(base.Method):
             "completion_only_loss": spec.completion_only_loss,
         }
 
-    def build_trainer(self, plan: base.Plan, model, callbacks):
+    def trainer_class(self):
         from trl import SFTTrainer
 
-        return SFTTrainer(
-            model=model,
-            args=plan.config,
-            train_dataset=plan.train_dataset,
-            eval_dataset=plan.eval_dataset,
-            processing_class=plan.tokenizer,
-            callbacks=callbacks,
-        )
+        return SFTTrainer
 
 
 def sft(spec: SFTSpec):
