@@ -318,7 +318,7 @@ class Evaluation:
             notes.append(
                 f"Preference accuracy is {acc:.2f}, but the answers barely moved towards the chosen style "
                 f"({b.get('like_chosen', 0):.2f} -> {a['like_chosen']:.2f}): the model learnt to rank the pairs, "
-                "not to answer like the chosen ones. Raise sft_weight, the learning rate or the epochs."
+                "not to answer like the chosen ones. Train longer (epochs, learning rate) or, for %%dpo, raise sft_weight."
             )
         if a.get("chosen_logp_change", 0) < -0.05:
             notes.append(
