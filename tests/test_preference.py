@@ -186,3 +186,20 @@ def test_an_interrupted_dpo_run_resumes_and_still_shows_its_evaluation(in_tmp, t
     # The "before" numbers were kept from the first start, measured on the untouched model.
     assert resumed.evaluation.before["accuracy"] == 0.5 and "accuracy" in resumed.summary
     assert live_models() == 0
+
+
+def test_the_evaluation_warns_when_ranking_improves_but_answers_do_not_move():
+    from nbalign.evaluation import Evaluation
+
+    before = {"accuracy": 0.5, "like_chosen": 0.56, "length": 140, "perplexity": 51.6, "chosen_logp_change": 0.0}
+    # Measured on the built-in model: KTO on 56 thumbs rows ranked every held-out pair right, answers unchanged.
+    stuck = Evaluation(before, {"accuracy": 1.0, "like_chosen": 0.56, "length": 131, "perplexity": 54.1,
+                                "chosen_logp_change": -0.2})
+    assert any("barely moved" in w for w in stuck.warnings)
+    assert any("less likely" in w for w in stuck.warnings)
+    longer = Evaluation(before, {"accuracy": 1.0, "like_chosen": 0.9, "length": 300, "perplexity": 80.0,
+                                 "chosen_logp_change": 1.0})
+    assert [w.split()[0] for w in longer.warnings] == ["Answers", "Perplexity"]
+    moved = Evaluation(before, {"accuracy": 1.0, "like_chosen": 1.0, "length": 14, "perplexity": 52.7,
+                                "chosen_logp_change": 3.0})
+    assert moved.warnings == []
