@@ -204,9 +204,11 @@ class AlignmentWatch(TrainerCallback):
 
         model = getattr(model, "module", model)  # unwrap DDP
         reference = self.reference(model)
-        if reference is None and state.global_step == 0:
-            reference = separate(model)  # before the first step the policy is the reference: cache its numbers
-        result = measure(model, self.tokenizer, self.data, reference, self.beta, self.max_new_tokens, self.cache)
+        start = state.global_step == 0  # before the first step the policy is the reference: cache its numbers
+        if reference is None and start:
+            reference = separate(model)
+        result = measure(model, self.tokenizer, self.data, reference, self.beta, self.max_new_tokens, self.cache,
+                         same_as_reference=start)
         logs = {f"watch/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
         if self.trainer is not None:
             state.log_history.append({**logs, "step": state.global_step})

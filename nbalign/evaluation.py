@@ -236,10 +236,11 @@ def _accuracy(diffs: list[float], eps: float = 1e-6) -> float:
 
 
 def measure(model, tokenizer, data: EvalData, reference, beta: float, max_new_tokens: int = 64,
-            reference_cache: dict | None = None) -> dict:
+            reference_cache: dict | None = None, same_as_reference: bool = False) -> dict:
     """All metrics of `model` against `reference` (a context manager yielding the reference model, or None
     when none is in memory). `reference_cache` keeps the reference's own numbers between calls: they do not
-    change while the policy trains."""
+    change while the policy trains. `same_as_reference`: the model is the reference (before the first step),
+    so its log-probs are the reference's and its KL is zero, without computing either twice."""
     from .generation import generate_with
 
     cache = reference_cache if reference_cache is not None else {}
@@ -254,6 +255,8 @@ def measure(model, tokenizer, data: EvalData, reference, beta: float, max_new_to
                     heads.append(head)
                     tails.append(tail)
             pol, counts = sequence_logps(model, tokenizer, heads, tails)
+            if same_as_reference:
+                cache.setdefault("ref_logps", pol)
             if "ref_logps" not in cache and reference is not None:
                 with reference() as ref:
                     cache["ref_logps"] = sequence_logps(ref, tokenizer, heads, tails)[0]
@@ -281,7 +284,9 @@ def measure(model, tokenizer, data: EvalData, reference, beta: float, max_new_to
                     for p, a in zip(prompts, answers)
                 ]
                 out["like_chosen"] = sum(likes) / len(likes)
-            if reference is not None:
+            if same_as_reference:
+                out["kl"] = 0.0
+            elif reference is not None:
                 heads, tails = zip(*[
                     _completion_text(tokenizer, p, [{"role": "assistant", "content": a}]) for p, a in zip(prompts, answers)
                 ])
@@ -314,7 +319,8 @@ class Evaluation:
         b, a, notes = self.before, self.after, []
         acc = a.get("accuracy")
         moved = a.get("like_chosen", 0) - b.get("like_chosen", 0)
-        if acc is not None and acc >= 0.8 and "like_chosen" in a and moved < 0.25:
+        room = 1.0 - b.get("like_chosen", 0)  # answers already like the chosen ones cannot move further
+        if acc is not None and acc >= 0.8 and "like_chosen" in a and room > 0.1 and moved < min(0.25, room / 2):
             notes.append(
                 f"Preference accuracy is {acc:.2f}, but the answers barely moved towards the chosen style "
                 f"({b.get('like_chosen', 0):.2f} -> {a['like_chosen']:.2f}): the model learnt to rank the pairs, "
@@ -323,7 +329,7 @@ class Evaluation:
         if a.get("chosen_logp_change", 0) < -0.05:
             notes.append(
                 f"The chosen answers became less likely than under the reference ({a['chosen_logp_change']:+.2f} "
-                "nats per token): the margin comes from pushing the rejected ones down. Raise sft_weight."
+                "nats per token): the margin comes from pushing the rejected ones down. For %%dpo, raise sft_weight."
             )
         if b.get("length") and a.get("length") and a["length"] > 1.5 * b["length"]:
             notes.append(
