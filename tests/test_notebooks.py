@@ -157,9 +157,10 @@ def test_dpo_notebook_runs_the_defaults_the_sweep_and_pure_dpo(tmp_path, monkeyp
 
     text = stdout_of(nb)
     assert "preference accuracy" in text  # the evaluation table, printed
-    # The curves and the beta sweep were plotted.
+    # The curves, the beta sweep and the pure-DPO comparison were plotted.
     assert images_in(nb, "watch = metrics.dropna") >= 1
     assert images_in(nb, "by_beta = pd.DataFrame") >= 1
+    assert images_in(nb, "logps/rejected") >= 1
 
 
 @pytest.mark.slow
