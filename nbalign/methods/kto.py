@@ -61,7 +61,9 @@ class KTO(PreferenceMethod):
         precompute = spec.precompute_ref if spec.precompute_ref != "auto" else (adapter.type == "full" or spec.epochs > 1)
         return {
             **super().config_defaults(spec, device, adapter, steps),
-            "learning_rate": spec.learning_rate or (5e-6 if adapter.type == "full" else 2e-4),
+            # Measured on the built-in model (bf16 autocast, 85 thumbs, 3 epochs): 2e-4 left 6 of 16 held-out answers
+            # in the old style, 5e-4 raised general-text perplexity 1.22x; 3e-4 gave 16/16 at 1.14x.
+            "learning_rate": spec.learning_rate or (5e-6 if adapter.type == "full" else 3e-4),
             "max_length": spec.max_length,
             "beta": spec.beta,
             "desirable_weight": up,
