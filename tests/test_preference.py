@@ -40,11 +40,11 @@ def test_a_weighted_mixture_of_every_dpo_loss_trains(in_tmp, tiny_model):
 
 
 def test_dpo_defaults_and_reference_choices(in_tmp, tiny_model):
-    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/d", **FAST)
+    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/d", **{**FAST, "max_steps": 4})
     config = run.spec["trl_config"]
     assert config["beta"] == 0.1 and config["loss_type"] == ["sigmoid", "sft"]
-    assert config["precompute_ref_log_probs"] is True  # 3 epochs: one reference pass instead of three
-    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/p", epochs=1, sft_weight=0, **FAST)
+    assert config["precompute_ref_log_probs"] is True  # 4 steps x 4 rows = two passes: one reference pass, not two
+    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/p", sft_weight=0, **FAST)  # one pass
     config = run.spec["trl_config"]
     assert config["loss_type"] == ["sigmoid"] and config["precompute_ref_log_probs"] is False
     simpo = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/s", loss="simpo", **FAST)

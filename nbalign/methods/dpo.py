@@ -44,13 +44,6 @@ class DPO(PreferenceMethod):
     def beta(self, spec: DPOSpec) -> float:
         return spec.beta or (2.0 if spec.reference_free == "simpo" else 0.1)
 
-    def precompute(self, spec: DPOSpec, adapter) -> bool:
-        """Reference log-probs once before training, when that is cheaper: with full fine-tuning it saves
-        a second copy of the model, and over several epochs it saves a reference pass per epoch."""
-        if spec.precompute_ref != "auto":
-            return bool(spec.precompute_ref)
-        return adapter.type == "full" or spec.epochs > 1
-
     def config_defaults(self, spec: DPOSpec, device, adapter, steps: int) -> dict:
         values = {
             **super().config_defaults(spec, device, adapter, steps),
@@ -72,7 +65,7 @@ class DPO(PreferenceMethod):
             values.update(
                 loss_type=list(losses),
                 loss_weights=list(losses.values()),
-                precompute_ref_log_probs=self.precompute(spec, adapter),
+                precompute_ref_log_probs=self.precompute(spec, adapter, steps),
             )
         return values
 

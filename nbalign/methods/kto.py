@@ -58,7 +58,6 @@ class KTO(PreferenceMethod):
         up, down, note = self.weights(spec)
         if note:
             print(note, flush=True)
-        precompute = spec.precompute_ref if spec.precompute_ref != "auto" else (adapter.type == "full" or spec.epochs > 1)
         return {
             **super().config_defaults(spec, device, adapter, steps),
             # Measured on the built-in model (bf16 autocast, 85 thumbs, 3 epochs): 2e-4 left 6 of 16 held-out answers
@@ -68,7 +67,7 @@ class KTO(PreferenceMethod):
             "beta": spec.beta,
             "desirable_weight": up,
             "undesirable_weight": down,
-            "precompute_ref_log_probs": bool(precompute),
+            "precompute_ref_log_probs": self.precompute(spec, adapter, steps),
         }
 
     def trainer_class(self):

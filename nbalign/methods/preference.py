@@ -37,7 +37,17 @@ class PreferenceMethod(base.Method):
             # accuracy TRL's evaluation would, plus answers, KL and perplexity); evaluating twice doubles the cost.
             evals = None if spec.watch else Dataset.from_list(eval_rows)
         self.train_records = load_records(spec.data, "training data")
+        self.n_rows = len(train_rows)
         return Dataset.from_list(train_rows), evals, len(train_rows)
+
+    def precompute(self, spec, adapter, steps: int) -> bool:
+        """Reference log-probs once before training, when that is cheaper: with full fine-tuning it saves a
+        second copy of the model, and when the run sees its data more than once (epochs, or max_steps past
+        one pass) it saves a reference pass per extra pass. A short run would pay for rows it never trains on."""
+        if spec.precompute_ref != "auto":
+            return bool(spec.precompute_ref)
+        passes = steps * spec.batch_size * max(1, spec.trl.get("gradient_accumulation_steps") or 1) / self.n_rows
+        return adapter.type == "full" or passes > 1
 
     def config_defaults(self, spec, device, adapter, steps: int) -> dict:
         values = base.common_defaults(spec, device, steps)
