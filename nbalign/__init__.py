@@ -9,7 +9,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    "lora", "sft", "dpo", "kto", "reward_model", "rlhf", "evaluate", "RewardModel", "list_runs", "generate", "Run", "NbalignError", "session", "load_ipython_extension", "examples", "__version__",
+    "lora", "sft", "dpo", "kto", "reward_model", "rlhf", "evaluate", "RewardModel", "list_runs", "generate", "Run",
+    "NbalignError", "session", "load_ipython_extension", "examples", "__version__",
 ]
 
 _LAZY = {
