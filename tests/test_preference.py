@@ -21,8 +21,9 @@ ALL_DPO_LOSSES = [
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"])
 def test_each_named_loss_trains_a_few_steps(in_tmp, tiny_model, loss):
-    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out=f"runs/{loss}", loss=loss,
-                      eval_data=style_pairs("heldout")[:4], **FAST)
+    # One of them also runs TRL's own evaluation (what held-out data feeds when the watch is off).
+    held_out = {"eval_data": style_pairs("heldout")[:4]} if loss == "sigmoid" else {}
+    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out=f"runs/{loss}", loss=loss, **held_out, **FAST)
     assert run.status == "finished" and run.summary["steps"] == 2
     losses = [r["loss"] for r in run.metrics.to_dict("records") if r.get("loss") == r.get("loss") and "loss" in r]
     assert losses and all(abs(v) < 1e4 for v in losses)
