@@ -49,10 +49,11 @@ class EvalData:
     thumbs: list[dict] = field(default_factory=list)  # conversational {"prompt", "completion", "label"}
     general_text: list[str] = field(default_factory=list)
     source: str = "held-out"
+    prompt_list: list = field(default_factory=list)  # prompts alone (online RL): answers, length, KL
 
     @property
     def prompts(self) -> list[list[dict]]:
-        rows = self.pairs or self.thumbs
+        rows = self.pairs or self.thumbs or [{"prompt": p} for p in self.prompt_list]
         seen, out = set(), []
         for r in rows:
             key = json.dumps(r["prompt"])

@@ -115,6 +115,11 @@ def test_rlhf_trains_with_a_python_reward_and_logs_every_step(tiny_model, in_tmp
     assert [r["step"] for r in steps] == [1, 2]
     assert all({"reward", "kl", "completions/mean_length", "rewards/brevity/mean"} <= set(r) for r in steps)
     assert {"reward_first", "reward_last", "kl_final", "length_first", "length_last"} <= set(run.summary)
+    # The evaluation at the start and the end: answers to the prompts, their length, KL, perplexity.
+    evaluation = run.evaluation
+    assert evaluation.before["kl"] == 0.0 and evaluation.after["kl"] >= 0
+    assert {"length", "perplexity"} <= set(evaluation.after) and len(evaluation.examples()) == 4
+    assert {"length", "length_before", "perplexity", "perplexity_before"} <= set(run.summary)
     config = run.spec["trl_config"]
     assert config["beta"] == 0.05 and config["num_generations"] == 4 and config["logging_steps"] == 1
     assert config["max_completion_length"] == 8 and config["temperature"] == 1.0

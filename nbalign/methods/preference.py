@@ -71,15 +71,21 @@ class PreferenceMethod(base.Method):
         return [self.watch]
 
     def finish(self, plan: base.Plan, trainer) -> dict:
-        from ..evaluation import Evaluation, save
+        return watch_summary(self.watch, plan.out)
 
-        if self.watch is None or self.watch.first is None or self.watch.last is None:
-            return {}
-        before = dict(self.watch.first)
-        # At step 0 the policy is the reference: its implicit rewards are all zero (chance) and its KL is zero.
-        before.update({k: v for k, v in (("accuracy", 0.5), ("margin", 0.0), ("chosen_logp_change", 0.0),
-                                         ("label_accuracy", 0.5), ("kl", 0.0)) if k in self.watch.last})
-        evaluation = Evaluation(before, self.watch.last, self.watch.data.source, self.watch.data.prompts)
-        save(evaluation, plan.out)
-        print(evaluation, flush=True)
-        return evaluation.summary()
+
+def watch_summary(watch, out) -> dict:
+    """The watch's start and end measurements as an Evaluation: printed, saved to evaluation.json, and
+    flattened into the run's summary."""
+    from ..evaluation import Evaluation, save
+
+    if watch is None or watch.first is None or watch.last is None:
+        return {}
+    before = dict(watch.first)
+    # At step 0 the policy is the reference: its implicit rewards are all zero (chance) and its KL is zero.
+    before.update({k: v for k, v in (("accuracy", 0.5), ("margin", 0.0), ("chosen_logp_change", 0.0),
+                                     ("label_accuracy", 0.5), ("kl", 0.0)) if k in watch.last})
+    evaluation = Evaluation(before, watch.last, watch.data.source, watch.data.prompts)
+    save(evaluation, out)
+    print(evaluation, flush=True)
+    return evaluation.summary()

@@ -290,6 +290,8 @@ class RLHF(base.Method):
         self.algorithm = spec.algorithm
         self.rewards: list = []
         self.n_prompts = 0
+        self.watch = None
+        self.eval_prompts = []
 
     @property
     def config_class(self):
@@ -313,7 +315,21 @@ class RLHF(base.Method):
         # Checked here, before the run folder is written: a bad reward fails at once.
         self.rewards = resolve_rewards(spec.reward, columns)
         evals = prepare(spec.eval_data, "eval prompts") if spec.eval_data is not None else None
+        # The evaluation at the start and the end: answers, their length, KL and perplexity (no pairs here).
+        self.eval_source = "held-out" if evals else "training prompts (no eval_data given)"
+        self.eval_prompts = [r["prompt"] for r in (evals or train)[:16] if isinstance(r["prompt"], list)]
         return Dataset.from_list(train), (Dataset.from_list(evals) if evals else None), len(train)
+
+    def extra_callbacks(self, plan: base.Plan) -> list:
+        from ..callbacks import AlignmentWatch
+        from ..evaluation import EvalData, general_texts
+
+        if not self.eval_prompts:
+            return []
+        data = EvalData(general_text=general_texts(None), source=self.eval_source, prompt_list=self.eval_prompts)
+        self.watch = AlignmentWatch(data, plan.tokenizer, plan.spec.beta, 0, plan.spec.max_completion_length,
+                                    folder=plan.out)
+        return [self.watch]
 
     def config_defaults(self, spec: RLHFSpec, device, adapter, steps: int) -> dict:
         # base.planned_steps counts prompts, not answers: size the intervals on the real step count.
@@ -373,7 +389,9 @@ class RLHF(base.Method):
         return trainer
 
     def finish(self, plan: base.Plan, trainer) -> dict:
-        return rl_summary(trainer.state.log_history)
+        from .preference import watch_summary
+
+        return {**rl_summary(trainer.state.log_history), **watch_summary(self.watch, plan.out)}
 
 
 def _reference_is_adapter_off(trainer) -> None:
