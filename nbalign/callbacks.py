@@ -198,9 +198,7 @@ class AlignmentWatch(TrainerCallback):
         return separate(ref) if ref is not None else None
 
     def measure(self, model, state) -> dict:
-        from .evaluation import measure
-
-        from .evaluation import separate
+        from .evaluation import measure, separate
 
         model = getattr(model, "module", model)  # unwrap DDP
         reference = self.reference(model)
