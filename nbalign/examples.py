@@ -54,17 +54,18 @@ def _all_rows() -> list[list[dict]]:
     return groups
 
 
+def _split(groups: list[list[dict]], split: str) -> list[dict]:
+    """The last 4 rows of each category are held out; the rest train."""
+    if split == "train":
+        return [row for group in groups for row in group[:-4]]
+    if split == "heldout":
+        return [row for group in groups for row in group[-4:]]
+    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+
+
 def json_answers(split: str = "train") -> list[dict]:
     """Conversations in the `messages` format. "train": 51 rows; "heldout": 16 others (4 per category)."""
-    train, heldout = [], []
-    for group in _all_rows():
-        heldout.extend(group[-4:])
-        train.extend(group[:-4])
-    if split == "train":
-        return train
-    if split == "heldout":
-        return heldout
-    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return _split(_all_rows(), split)
 
 
 def is_json_answer(text: str) -> bool:
@@ -122,20 +123,14 @@ def rambling_answer(i: int, fact: str) -> str:
 def style_pairs(split: str = "train") -> list[dict]:
     """Preference pairs {"prompt", "chosen", "rejected"}: chosen is the terse "Answer: X." style, rejected a
     rambling reply with the same fact. "train": 51 pairs; "heldout": 16 others (4 per category)."""
-    train, heldout = [], []
-    i = 0
+    groups, i = [], 0
     for group in _plain_questions():
         rows = []
         for question, answer, fact in group:
             rows.append({"prompt": question, "chosen": terse_answer(answer), "rejected": rambling_answer(i, fact)})
             i += 1
-        heldout.extend(rows[-4:])
-        train.extend(rows[:-4])
-    if split == "train":
-        return train
-    if split == "heldout":
-        return heldout
-    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        groups.append(rows)
+    return _split(groups, split)
 
 
 def style_thumbs(split: str = "train") -> list[dict]:

@@ -26,7 +26,8 @@ class PreferenceMethod(base.Method):
     def build_datasets(self, spec: PreferenceSpec, tokenizer):
         from datasets import Dataset
 
-        train_rows = self.rows(load_records(spec.data, "training data"), "training data")
+        self.train_records = load_records(spec.data, "training data")
+        train_rows = self.rows(self.train_records, "training data")
         check_prompt_lengths(train_rows, tokenizer, spec.max_length, "training data", f"%%{self.name}")
         evals = None
         if spec.eval_data is not None:
@@ -36,7 +37,6 @@ class PreferenceMethod(base.Method):
             # With the watch on, the held-out data goes to it (AlignmentWatch measures the implicit-reward
             # accuracy TRL's evaluation would, plus answers, KL and perplexity); evaluating twice doubles the cost.
             evals = None if spec.watch else Dataset.from_list(eval_rows)
-        self.train_records = load_records(spec.data, "training data")
         self.n_rows = len(train_rows)
         return Dataset.from_list(train_rows), evals, len(train_rows)
 
