@@ -13,26 +13,22 @@ See bench/README.md for what is measured and how.
 
 from __future__ import annotations
 
+# First: the worker's clock (harness.T0) starts when harness is imported, before torch & co. are.
+from harness import (LORA, Span, WorkerFailed, aggregate, cuda_peak_mib, fmt, fmt_ratio, machine, md_table, now,
+                     peak_rss_mib, peft_lora_config, preload, ratio, ratios, run_worker, write_result)
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
 import time
-
-T0 = time.perf_counter()  # the worker's clock starts before torch & co. are imported
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BATCH_SIZE = 8
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
 
 # Plain-TRL variants: TRL's SFTConfig defaults plus these fields. "trl" is the one the ratios use; the
 # others help attribute a difference (precision, activation checkpointing) and run only when asked.
@@ -47,38 +43,9 @@ SIDES = ("nbalign", *TRL_VARIANTS)
 # ------------------------------------------------------------------------------------------------
 # helpers used inside the workers
 # ------------------------------------------------------------------------------------------------
-def _now() -> float:
-    return time.perf_counter() - T0
-
-
-def _maxrss_mib() -> float:
-    """This process's peak resident set size so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
-def _cpu_s() -> float:
-    """CPU seconds this process has used so far, all threads, user + system. Less sensitive than wall time to
-    other work on the machine (though not immune: spinning OpenMP threads burn CPU while they wait)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _cuda_peak_mib():
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return None
-
-
 def _import_stack() -> None:
     """The same heavy imports on both sides, timed as `imports_s`."""
-    import datasets  # noqa: F401
-    import peft  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
+    preload("datasets", "peft", "torch", "transformers", "trl")
 
 
 def answer_nll(model, tokenizer, rows) -> tuple[float, int]:
@@ -138,8 +105,8 @@ def _expected_tokens(lengths: list[int], max_length: int, epochs: float, max_ste
 # ------------------------------------------------------------------------------------------------
 def worker_nbalign(cfg: dict) -> dict:
     _import_stack()
-    imports_s = _now()
-    rss_after_imports = _maxrss_mib()
+    imports_s = now()
+    rss_after_imports = peak_rss_mib()
 
     import nbalign
     from nbalign.examples import json_answers
@@ -153,13 +120,13 @@ def worker_nbalign(cfg: dict) -> dict:
     }
     if cfg["max_steps"]:
         options["max_steps"] = cfg["max_steps"]  # any SFTConfig field passes through nbalign.sft
-    t, cpu0 = _now(), _cpu_s()
-    nbalign.lora(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA["target_modules"])
+    span = Span()
+    nbalign.lora(**LORA)
     run = nbalign.sft(rows, out=cfg["out"], overwrite=True, **options)
-    trained_s, cpu_s = _now(), _cpu_s() - cpu0
-    sft_call_s = trained_s - t
-    rss_train = _maxrss_mib()
-    cuda_train = _cuda_peak_mib()
+    span.stop()
+    trained_s, cpu_s, sft_call_s = span.end, span.cpu, span.wall
+    rss_train = peak_rss_mib()
+    cuda_train = cuda_peak_mib()
 
     summary = run.summary
     spec = run.spec
@@ -215,26 +182,25 @@ def worker_nbalign(cfg: dict) -> dict:
 
     if cfg["eval"]:
         rows_h, prompts, is_json = _heldout()
-        t = _now()
+        span = Span()
         answers = run.generate(prompts, max_new_tokens=48)
         from nbalign.generation import load_for_inference
-        from nbalign.session import session
+        from nbalign.generation import CACHE
 
         # The tuned model as run.generate loads it (base + adapter merged), without keeping two copies.
-        session.release()
+        CACHE.release()
         model, tok = load_for_inference(str(run.path))
         nll, n = answer_nll(model, tok, rows_h)
-        result.update(_eval_fields(answers, prompts, is_json, nll, n, _now() - t))
+        result.update(_eval_fields(answers, prompts, is_json, nll, n, span.elapsed()))
     return result
 
 
 def worker_trl(cfg: dict, variant: str) -> dict:
     _import_stack()
-    imports_s = _now()
-    rss_after_imports = _maxrss_mib()
+    imports_s = now()
+    rss_after_imports = peak_rss_mib()
 
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     from nbalign.examples import json_answers
@@ -252,7 +218,7 @@ def worker_trl(cfg: dict, variant: str) -> dict:
         kwargs["max_steps"] = cfg["max_steps"]
     else:
         kwargs["num_train_epochs"] = cfg["epochs"]
-    t, cpu0 = _now(), _cpu_s()
+    span = Span()
     try:
         config = SFTConfig(**kwargs)
     except ValueError as exc:
@@ -263,20 +229,15 @@ def worker_trl(cfg: dict, variant: str) -> dict:
         notes.append(f"SFTConfig with TRL defaults raised ValueError({str(exc)!r}); set use_cpu=True as it asks")
         kwargs["use_cpu"] = True
         config = SFTConfig(**kwargs)
-    peft_config = LoraConfig(
-        r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
-        target_modules=LORA["target_modules"],
-        task_type="CAUSAL_LM",
-    )
-    trainer = SFTTrainer(model=cfg["model_dir"], args=config, train_dataset=Dataset.from_list(rows), peft_config=peft_config)
-    setup_s = _now() - t
+    trainer = SFTTrainer(model=cfg["model_dir"], args=config, train_dataset=Dataset.from_list(rows),
+                         peft_config=peft_lora_config())
+    setup_s = span.elapsed()
     output = trainer.train()
     trainer.save_model(cfg["out"])
-    trained_s, cpu_s = _now(), _cpu_s() - cpu0
-    rss_train = _maxrss_mib()
-    cuda_train = _cuda_peak_mib()
+    span.stop()
+    trained_s, cpu_s = span.end, span.cpu
+    rss_train = peak_rss_mib()
+    cuda_train = cuda_peak_mib()
 
     metrics = dict(output.metrics or {})
     logs = trainer.state.log_history
@@ -344,12 +305,12 @@ def worker_trl(cfg: dict, variant: str) -> dict:
         from nbalign.generation import generate_with
 
         rows_h, prompts, is_json = _heldout()
-        t = _now()
+        span = Span()
         model, tok = trainer.model, trainer.processing_class
         model.eval()
         answers = generate_with(model, tok, prompts, max_new_tokens=48)
         nll, n = answer_nll(model, tok, rows_h)
-        result.update(_eval_fields(answers, prompts, is_json, nll, n, _now() - t))
+        result.update(_eval_fields(answers, prompts, is_json, nll, n, span.elapsed()))
     return result
 
 
@@ -367,71 +328,38 @@ def _eval_fields(answers, prompts, is_json, nll, n, seconds) -> dict:
 def worker_main(side: str, cfg_path: str, out_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
     result = worker_nbalign(cfg) if side == "nbalign" else worker_trl(cfg, side)
-    result["process_s"] = round(_now(), 2)
-    result["peak_rss_end_mib"] = round(_maxrss_mib(), 1)
-    result["cuda_peak_end_mib"] = _cuda_peak_mib()
-    Path(out_path).write_text(json.dumps(result, indent=2, default=str))
+    result["process_s"] = round(now(), 2)
+    result["peak_rss_end_mib"] = round(peak_rss_mib(), 1)
+    result["cuda_peak_end_mib"] = cuda_peak_mib()
+    write_result(out_path, result)
 
 
 # ------------------------------------------------------------------------------------------------
 # the driver
 # ------------------------------------------------------------------------------------------------
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _machine() -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("torch", "transformers", "trl", "peft", "datasets", "nbalign"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "versions": versions,
-    }
-
-
 def run_side(side: str, cfg: dict, workdir: Path, log_dir: Path, repeat: int = 0) -> dict:
     tag = side if repeat == 0 else f"{side}-{repeat}"
     out = workdir / tag
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {**cfg, "out": str(out)}
-    cfg_path, res_path = workdir / f"{tag}.cfg.json", workdir / f"{tag}.result.json"
-    cfg_path.write_text(json.dumps(cfg))
+    cfg_path = workdir / f"{tag}.cfg.json"
+    cfg_path.write_text(json.dumps({**cfg, "out": str(out)}))
     log = log_dir / f"sft-{tag}.log"
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")  # no network lookups on either side
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(f"[bench] {tag}: running (log: {log}) ...", flush=True)
-    load_before = _loadavg()
-    start = time.perf_counter()
-    with log.open("w") as fh:
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--cfg", str(cfg_path),
-             "--result", str(res_path)],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(workdir),
+    try:
+        done = run_worker(
+            __file__, ["--worker", side, "--cfg", str(cfg_path)], result=workdir / f"{tag}.result.json", log=log,
+            env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},  # no network lookups on either side
+            cwd=str(workdir),
         )
-    wall = time.perf_counter() - start
-    if proc.returncode != 0 or not res_path.is_file():
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise SystemExit(f"[bench] {tag} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    result = json.loads(res_path.read_text())
-    result["process_wall_s"] = round(wall, 2)
-    result["loadavg_before"] = load_before
-    result["loadavg_after"] = _loadavg()
+    except WorkerFailed as exc:
+        raise SystemExit(f"[bench] {tag} failed (exit {exc.returncode}); last lines of {log}:\n{exc.tail()}") from None
+    result = done.result
+    result["process_wall_s"] = round(done.wall_s, 2)
+    result["loadavg_before"] = done.loadavg_before
+    result["loadavg_after"] = done.loadavg_after
     print(
         f"[bench] {tag}: {result['steps']} steps, {result['tokens_per_s']} tok/s, "
-        f"peak RSS {result['peak_rss_train_mib']:.0f} MiB, process {wall:.1f} s",
+        f"peak RSS {result['peak_rss_train_mib']:.0f} MiB, process {done.wall_s:.1f} s",
         flush=True,
     )
     return result
@@ -442,37 +370,11 @@ AGGREGATED = ("train_runtime_s", "tokens_per_s", "cpu_s", "tokens_per_cpu_s", "w
               "peak_rss_train_mib", "cuda_peak_train_mib", "imports_s")
 
 
-def aggregate(rs: list[dict]) -> dict:
+def aggregate_side(rs: list[dict]) -> dict:
     """The first run (the one evaluated), with the load-dependent numbers replaced by their median."""
-    import statistics
-
-    out = dict(rs[0])
-    out["repeats"] = len(rs)
-    for key in AGGREGATED:
-        values = [r[key] for r in rs if r.get(key) is not None]
-        if values:
-            out[key] = statistics.median(values)
-    tps = [r["tokens_per_s"] for r in rs if r.get("tokens_per_s") is not None]
-    out["tokens_per_s_each"] = tps
+    out = aggregate(rs, AGGREGATED)
+    out["tokens_per_s_each"] = [r["tokens_per_s"] for r in rs if r.get("tokens_per_s") is not None]
     return out
-
-
-def _ratio(a, b):
-    if a is None or b is None or not b:
-        return None
-    return a / b
-
-
-def _fmt(v, digits=1):
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
 
 
 def markdown(report: dict) -> str:
@@ -516,22 +418,17 @@ def markdown(report: dict) -> str:
             ("held-out answer NLL / token (same mask both sides)", "heldout_answer_nll", 3, False),
             ("**held-out answers that are valid JSON**", lambda r: f"{r['heldout_json']} / {r['heldout_total']}", 0, False),
         ]
-    head = "| | " + " | ".join(sides) + (" | nbalign / trl |" if nb and trl else " |")
-    lines = [head, "|---" * (len(sides) + 1 + (1 if nb and trl else 0)) + "|"]
-    for label, key, digits, ratio in rows:
-        cells = []
+    table = []
+    for label, key, digits, with_ratio in rows:
+        cells = [label]
         for s in sides:
-            r = res[s]
-            v = key(r) if callable(key) else r.get(key)
-            cells.append(_fmt(v, digits) if not isinstance(v, str) else v)
-        line = f"| {label} | " + " | ".join(cells)
+            v = key(res[s]) if callable(key) else res[s].get(key)
+            cells.append(fmt(v, digits) if not isinstance(v, str) else v)
         if nb and trl:
-            q = _ratio(nb.get(key), trl.get(key)) if ratio and not callable(key) else None
-            line += f" | {q:.2f}x |" if q is not None else " | |"
-        else:
-            line += " |"
-        lines.append(line)
-    return "\n".join(lines)
+            q = ratio(nb.get(key), trl.get(key)) if with_ratio and not callable(key) else None
+            cells.append(fmt_ratio(q, missing=""))
+        table.append(cells)
+    return md_table(["", *sides, *(["nbalign / trl"] if nb and trl else [])], table)
 
 
 def render_report(report: dict) -> str:
@@ -652,14 +549,14 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    results = {side: aggregate(rs) for side, rs in runs.items()}
+    results = {side: aggregate_side(rs) for side, rs in runs.items()}
 
     import torch
 
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "machine": _machine(),
+        "machine": machine(),
         "config": {k: v for k, v in cfg.items() if k != "model_dir"} | {"batch_size": BATCH_SIZE, "lora": LORA,
                                                                         "sides": sides},
         "results": results,
@@ -668,11 +565,9 @@ def main(argv=None) -> int:
     }
     nb, trl = results.get("nbalign"), results.get("trl")
     if nb and trl:
-        report["ratios_nbalign_over_trl"] = {
-            k: (round(q, 3) if (q := _ratio(nb.get(k), trl.get(k))) is not None else None)
-            for k in ("tokens_per_s", "train_runtime_s", "peak_rss_train_mib", "peak_rss_end_mib",
-                      "cuda_peak_train_mib", "wall_to_trained_s", "process_wall_s")
-        }
+        report["ratios_nbalign_over_trl"] = ratios(nb, trl, ("tokens_per_s", "train_runtime_s", "peak_rss_train_mib",
+                                                             "peak_rss_end_mib", "cuda_peak_train_mib",
+                                                             "wall_to_trained_s", "process_wall_s"))
     text = render_report(report)
     (results_dir / "sft.json").write_text(json.dumps(report, indent=2, default=str))
     (results_dir / "sft.md").write_text(text)

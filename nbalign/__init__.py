@@ -6,10 +6,11 @@ cheap: torch, transformers and TRL load on first use.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
-    "lora", "sft", "dpo", "kto", "reward_model", "rlhf", "evaluate", "RewardModel", "list_runs", "generate", "Run",
+    "lora", "sft", "dpo", "kto", "reward_model", "rlhf", "evaluate", "replay", "RewardModel", "list_runs", "generate",
+    "Run",
     "NbalignError", "session", "load_ipython_extension", "examples", "__version__",
 ]
 
@@ -21,12 +22,13 @@ _LAZY = {
     "reward_model": ("api", "reward_model"),
     "rlhf": ("api", "rlhf"),
     "evaluate": ("api", "evaluate"),
-    "RewardModel": ("methods.reward", "RewardModel"),
+    "replay": ("api", "replay"),
+    "RewardModel": ("runs", "RewardModel"),
     "list_runs": ("api", "list_runs"),
     "generate": ("api", "generate"),
     "Run": ("runs", "Run"),
     "NbalignError": ("errors", "NbalignError"),
-    "session": ("session", "session"),
+    "session": ("_session", "session"),
 }
 
 

@@ -1,5 +1,6 @@
 """`python -m nbalign demo`: a real LoRA SFT run on the built-in model, with base vs tuned answers.
-`python -m nbalign runs`: list past runs."""
+`python -m nbalign runs`: list past runs.
+`python -m nbalign run runs/x/spec.json --out runs/x2`: the same run again, in this process, from the file."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def main(argv=None) -> int:
     d.add_argument("--epochs", type=float, default=3)
     r = sub.add_parser("runs", help="list past runs")
     r.add_argument("root", nargs="?", default="runs")
+    p = sub.add_parser("run", help="train a saved spec again: a run folder or its spec.json")
+    p.add_argument("spec", help="runs/<name>/spec.json (or the run folder)")
+    p.add_argument("--out", default=None, help="the new run folder (default runs/<method>-<date>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     args = parser.parse_args(argv)
     from nbalign.errors import NbalignError
 
@@ -42,6 +47,11 @@ def main(argv=None) -> int:
         if args.command == "demo":
             return demo(args.out, args.epochs)
         import nbalign
+
+        if args.command == "run":
+            run = nbalign.replay(args.spec, out=args.out, overwrite=args.overwrite)
+            print(run)
+            return 0 if run.status == "finished" else 1
 
         print(nbalign.list_runs(args.root).to_string())
         return 0

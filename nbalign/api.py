@@ -5,10 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pathlib import Path
+
+from . import runfolder
+from ._session import session
+from .errors import NbalignError
+from .preference_specs import DPOSpec, KTOSpec, RewardSpec, RLHFSpec
 from .runs import Run
 from .runs import list_runs as _list_runs
-from .session import session
-from .specs import BUILTIN_MODEL, AdapterSpec, DPOSpec, KTOSpec, RewardSpec, RLHFSpec, SFTSpec
+from .specs import BUILTIN_MODEL, AdapterSpec, SFTSpec, TrainSpec, resolve_adapter
+
+# method name -> (spec class, module under methods/, function there)
+METHODS = {
+    "sft": (SFTSpec, "sft", "sft"),
+    "dpo": (DPOSpec, "dpo", "dpo"),
+    "kto": (KTOSpec, "kto", "kto"),
+    "reward_model": (RewardSpec, "reward", "reward_model"),
+    "rlhf": (RLHFSpec, "rlhf", "rlhf"),
+}
 
 
 @dataclass
@@ -48,14 +62,16 @@ def lora(
     """Set how later training cells update the weights (what `%%lora` does), and report what it costs on
     `model`: trainable parameters, their share, and the memory the base weights take. The report is
     computed on the meta device (no weights are read), so it is instant."""
-    spec = AdapterSpec(type=type, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, quantize=quantize)
+    spec = AdapterSpec.from_dict(
+        {"type": type, "r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules, "quantize": quantize}
+    )
     report = adapter_report(spec, model)
     session.adapter = spec
     return report
 
 
 def adapter_report(spec: AdapterSpec, model: str = BUILTIN_MODEL) -> AdapterReport:
-    from .models import quiet
+    from .devices import quiet
 
     with quiet():
         return _adapter_report(spec, model)
@@ -90,47 +106,79 @@ def _base_bytes(skel, spec: AdapterSpec) -> int:
     return int((total - quantized) * 4 + quantized * (0.5 + 1 / 64 + 4 / (64 * 256)))
 
 
+def build_spec(method: str, values: dict) -> TrainSpec:
+    """The whole run as a spec: the values given, with the session's %%lora setting (changed by a `lora:`
+    override) written into it. Below this layer nothing reads the session."""
+    spec_class = METHODS[method][0]
+    values = {**values, "lora": resolve_adapter(values.get("lora"), session.adapter)}
+    return spec_class.from_dict(values, passthrough=True)
+
+
+def run_spec(spec: TrainSpec):
+    """Train a spec with its method (the methods layer); returns the Run (a RewardModel for reward models)."""
+    import importlib
+
+    _, module, function = METHODS[spec.method]
+    return getattr(importlib.import_module(f".methods.{module}", __package__), function)(spec)
+
+
 def sft(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
     """Supervised fine-tuning (what `%%sft` does). `options` are SFTSpec fields or any TRL SFTConfig field."""
-    from .methods.sft import sft as run_sft
-
-    spec = SFTSpec.from_dict({"data": data, "model": model, "out": out, **options}, passthrough=True)
-    return run_sft(spec)
+    return run_spec(build_spec("sft", {"data": data, "model": model, "out": out, **options}))
 
 
 def dpo(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
     """Preference optimisation from pairs (what `%%dpo` does): DPO and its loss family, or SimPO / ORPO.
     `options` are DPOSpec fields or any TRL DPOConfig (CPOConfig, ORPOConfig) field."""
-    from .methods.dpo import dpo as run_dpo
-
-    spec = DPOSpec.from_dict({"data": data, "model": model, "out": out, **options}, passthrough=True)
-    return run_dpo(spec)
+    return run_spec(build_spec("dpo", {"data": data, "model": model, "out": out, **options}))
 
 
 def kto(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
     """KTO from unpaired thumbs (what `%%kto` does). `options` are KTOSpec fields or any TRL KTOConfig field."""
-    from .methods.kto import kto as run_kto
-
-    spec = KTOSpec.from_dict({"data": data, "model": model, "out": out, **options}, passthrough=True)
-    return run_kto(spec)
+    return run_spec(build_spec("kto", {"data": data, "model": model, "out": out, **options}))
 
 
 def reward_model(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options):
     """A Bradley-Terry reward model on pairs (what `%%reward_model` does). Returns a RewardModel run whose
     `score(prompt, response)` rates new answers."""
-    from .methods.reward import reward_model as run_reward
-
-    spec = RewardSpec.from_dict({"data": data, "model": model, "out": out, **options}, passthrough=True)
-    return run_reward(spec)
+    return run_spec(build_spec("reward_model", {"data": data, "model": model, "out": out, **options}))
 
 
 def rlhf(data: Any = None, reward: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
     """Online RL against a reward model run or Python reward functions (what `%%rlhf` does).
     `options` are RLHFSpec fields or any TRL GRPOConfig / RLOOConfig field."""
-    from .methods.rlhf import rlhf as run_rlhf
+    return run_spec(build_spec("rlhf", {"data": data, "reward": reward, "model": model, "out": out, **options}))
 
-    spec = RLHFSpec.from_dict({"data": data, "reward": reward, "model": model, "out": out, **options}, passthrough=True)
-    return run_rlhf(spec)
+
+def replay(path: str | Path, out: str | None = None, **changes):
+    """The same run again from its spec.json alone (what `python -m nbalign run SPEC --out DIR` does): the
+    same model, adapter, data (in-memory data was saved with the run), options and seed. `changes` override
+    spec fields, e.g. a reward function defined in a notebook, which spec.json can only name."""
+    from .methods.rewards import import_reward
+
+    path = Path(path)
+    folder = path.parent if path.name == runfolder.SPEC else path
+    stored = runfolder.read_spec(folder)
+    if not stored.get("spec") or stored.get("method") not in METHODS:
+        raise NbalignError(
+            f"'{path}' holds no nbalign spec.json to replay.",
+            "pass a run folder (its --out) or the spec.json inside it.",
+        )
+    values = dict(stored["spec"])
+    for name in ("data", "eval_data"):
+        values[name] = runfolder.stored_data(folder, values.get(name))
+        if isinstance(values[name], dict):
+            raise NbalignError(
+                f"replay: the run in '{folder}' was trained on in-memory {name.replace('_', ' ')} that was not saved "
+                "with it (a run from an older nbalign).",
+                f"pass it again: nbalign.replay('{folder}', out=..., {name}=...).",
+            )
+    if "reward" in values and "reward" not in changes:
+        reward = values["reward"]
+        values["reward"] = [import_reward(r) for r in reward] if isinstance(reward, list) else import_reward(reward)
+    values.update({"resume": False, "overwrite": False, "out": out, **changes})
+    spec_class = METHODS[stored["method"]][0]
+    return run_spec(spec_class.from_dict(values, passthrough=True))
 
 
 def evaluate(model: str, data: Any, reference: str | None = None, **options):

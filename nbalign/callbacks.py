@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -11,19 +10,20 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from . import runfolder
+
 
 class MetricsWriter(TrainerCallback):
-    """Appends every logged step to metrics.jsonl (flushed per line, so a crash keeps what was logged)."""
+    """Appends every logged step to the run's metrics.jsonl (flushed per line, so a crash keeps what was logged)."""
 
     def __init__(self, run_path: Path):
-        self.file = Path(run_path) / "metrics.jsonl"
+        self.folder = Path(run_path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:
             return
-        row = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}
-        with self.file.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+        runfolder.append_metrics(self.folder, {"step": state.global_step, "epoch": state.epoch,
+                                               "time": round(time.time(), 3), **logs})
 
 
 def in_notebook() -> bool:
@@ -97,7 +97,6 @@ class LiveProgress(TrainerCallback):
         import html
 
         total = max(state.max_steps, 1)
-        pct = 100.0 * state.global_step / total
         elapsed, eta = self._eta(state) if hasattr(self, "start_time") else (0.0, float("nan"))
         eta_s = _duration(eta) if eta == eta else "--:--"
         return (
@@ -178,7 +177,7 @@ class AlignmentWatch(TrainerCallback):
 
     def __init__(self, data, tokenizer, beta: float, points: int, max_new_tokens: int, folder: Path | None = None):
         self.data, self.tokenizer, self.beta = data, tokenizer, beta
-        self.saved = Path(folder) / "evaluation_before.json" if folder is not None else None
+        self.folder = Path(folder) if folder is not None else None
         self.points, self.max_new_tokens = points, max_new_tokens
         self.trainer = None
         self.cache: dict = {}
@@ -216,10 +215,10 @@ class AlignmentWatch(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
             self.first = self.measure(model, state)
-            if self.saved is not None:
-                self.saved.write_text(json.dumps(self.first, default=float))
-        elif self.saved is not None and self.saved.is_file():  # --resume: the numbers from before training
-            self.first = json.loads(self.saved.read_text())
+            if self.folder is not None:
+                runfolder.save_evaluation_start(self.folder, self.first)
+        elif self.folder is not None:  # --resume: the numbers from before training
+            self.first = runfolder.read_evaluation_start(self.folder)
         if self.points and state.max_steps > 1:
             every = state.max_steps / (self.points + 1)
             self._at = {max(1, round(every * (k + 1))) for k in range(self.points)} - {state.max_steps}

@@ -1,15 +1,54 @@
-"""Text from a base model or a run's tuned model, with its chat template."""
+"""Text from a base model or a run's tuned model, with its chat template, and the one bounded cache of a
+model kept loaded between calls (so re-running a cell that generates does not reload, nor grow memory)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from .session import session
+from .text import prompt_text
+
+
+class ModelCache:
+    """At most one model kept loaded for generation or scoring: asking for another frees the first."""
+
+    def __init__(self):
+        self._loaded: tuple[str, object, object] | None = None  # (key, model, tokenizer)
+
+    def get(self, key: str, load):
+        """The model for `key`, loading it with `load()` and dropping any other one kept before."""
+        if self._loaded is None or self._loaded[0] != key:
+            self.release()
+            model, tokenizer = load()
+            self._loaded = (key, model, tokenizer)
+        return self._loaded[1], self._loaded[2]
+
+    def release(self) -> None:
+        if self._loaded is not None:
+            self._loaded = None
+            from .devices import free_memory
+
+            free_memory()
+
+
+# The process holds one: the memory it bounds is the process's. Training releases it first.
+CACHE = ModelCache()
+
+
+def cache_key(model: str, kind: str = "causal") -> str:
+    """A key that changes when a run folder is trained again in place (--overwrite), so an answer never
+    comes from old weights."""
+    path = Path(str(model))
+    if path.exists():
+        status = path / "status.json"
+        return f"{kind}:{path.resolve()}@{status.stat().st_mtime_ns if status.exists() else 0}"
+    return f"{kind}:{model}"
 
 
 def load_for_inference(model: str):
     """(model, tokenizer) for a model name or run folder: parents merged, eval mode, on the best device."""
-    from .models import load_model, load_tokenizer, pick_device, quiet, resolve
+    from .devices import pick_device, quiet
+    from .models import load_model, load_tokenizer, resolve
 
     ref = resolve(model)
     device = pick_device()
@@ -21,14 +60,7 @@ def load_for_inference(model: str):
 
 def generate(model: str, prompt: Any, max_new_tokens: int = 128, **kwargs) -> str | list[str]:
     """Greedy by default (pass do_sample=True, temperature=... to sample). A list of prompts gives a list."""
-    from pathlib import Path
-
-    key = model
-    if Path(model).exists():
-        # A run folder trained again in place (--overwrite) must not answer from the old weights.
-        status = Path(model) / "status.json"
-        key = f"{Path(model).resolve()}@{status.stat().st_mtime_ns if status.exists() else 0}"
-    loaded, tokenizer = session.cached_model(key, lambda: load_for_inference(model))
+    loaded, tokenizer = CACHE.get(cache_key(model), lambda: load_for_inference(model))
     single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
     prompts = [prompt] if single else list(prompt)
     answers = generate_with(loaded, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
@@ -38,7 +70,7 @@ def generate(model: str, prompt: Any, max_new_tokens: int = 128, **kwargs) -> st
 def generate_with(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_size: int = 8, **kwargs) -> list[str]:
     import torch
 
-    texts = [_render(tokenizer, p) for p in prompts]
+    texts = [prompt_text(tokenizer, p) for p in prompts]
     kwargs.setdefault("do_sample", False)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     if not kwargs["do_sample"]:
@@ -58,10 +90,3 @@ def generate_with(model, tokenizer, prompts: list, max_new_tokens: int = 128, ba
     finally:
         tokenizer.padding_side = side
     return out
-
-
-def _render(tokenizer, prompt: Any) -> str:
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n".join(m["content"] for m in messages) + "\n"

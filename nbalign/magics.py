@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import keyword
 import shlex
 import typing
 
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from .errors import NbalignError, unknown_option
-from .specs import AdapterSpec, DPOSpec, KTOSpec, RewardSpec, RLHFSpec, SFTSpec, Spec, _base_type
+from .preference_specs import DPOSpec, KTOSpec, RewardSpec, RLHFSpec
+from .specs import AdapterSpec, SFTSpec, Spec, _base_type
 
 # Spec fields whose value may name a notebook variable (or, for `reward`, a list of them).
 NAMESPACE_FIELDS = {"data", "eval_data", "general_text", "reward"}
@@ -51,7 +53,12 @@ def build_parser(spec_cls: type[Spec], prog: str, description: str, extra: bool 
             continue
         flag = "--" + f.name.replace("_", "-")
         base, _ = _base_type(hints[f.name])
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        help_text = f.metadata.get("help", "")
+        for key, value in (spec_cls.help_values() if hasattr(spec_cls, "help_values") else {}).items():
+            help_text = help_text.replace("{" + key + "}", value)
+        if not (f.default is None and "default" in help_text):
+            shown = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text += f" (default: {shown!r})"
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
@@ -159,10 +166,14 @@ class NbalignMagics(Magics):
             values[key] = [lookup(v) for v in value] if key == "reward" and isinstance(value, list) else lookup(value)
         return {k: v for k, v in values.items() if v is not None or k not in NAMESPACE_FIELDS}
 
+    @staticmethod
+    def _check_var(var: str | None) -> None:
+        """-o names a notebook variable: checked before anything runs, so a run is never lost to a typo."""
+        if var and (not var.isidentifier() or keyword.iskeyword(var)):
+            raise NbalignError(f"-o: '{var}' is not a valid Python variable name.", "use e.g. -o run.")
+
     def _store(self, var: str | None, result) -> None:
         if var:
-            if not var.isidentifier():
-                raise NbalignError(f"-o: '{var}' is not a valid variable name.", "use e.g. -o run.")
             self.shell.user_ns[var] = result
 
     # Line-and-cell magics: `%lora --r 8` and `%sft --help` work on one line, `%%` takes a YAML body.
@@ -172,6 +183,7 @@ class NbalignMagics(Magics):
 
         try:
             values, var = parse_cell(LORA_PARSER, line, cell)
+            self._check_var(var)
             model = values.pop("_model", None)
             spec = AdapterSpec.from_dict(values)
             report = api.lora(**spec.to_dict(), **({"model": model} if model else {}))
@@ -186,6 +198,7 @@ class NbalignMagics(Magics):
             values, var = parse_cell(parser, line, cell)
         except _HelpShown:
             return None
+        self._check_var(var)
         result = function(**self._resolve_names(values))
         self._store(var, result)
         return result
@@ -223,7 +236,7 @@ class NbalignMagics(Magics):
     @line_magic
     def nbalign(self, line):
         from . import api
-        from .session import session
+        from ._session import session
 
         words = shlex.split(line or "")
         command = words[0] if words else "help"

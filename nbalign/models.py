@@ -1,19 +1,17 @@
-"""Resolve and load models: the built-in SmolLM2, hub ids, local folders and run folders; device,
-dtype, 4-bit quantization and adapters."""
+"""Resolve and load models: the built-in SmolLM2, hub ids, local folders and run folders; 4-bit
+quantization, adapters, and a finished reward model run as one scoring model."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import logging
-import json
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import runfolder
+from .devices import Device, pick_device, quiet
 from .errors import NbalignError
 from .specs import BUILTIN_MODEL, AdapterSpec
 
@@ -30,59 +28,6 @@ def cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class Device:
-    type: str  # cuda | mps | cpu
-    bf16: bool  # weights in bf16 (CUDA cards that support it)
-    amp: bool = False  # fp32 weights, bf16 autocast for training (CPUs with native bf16 instructions)
-
-    @property
-    def dtype(self):
-        import torch
-
-        return torch.bfloat16 if self.bf16 else torch.float32
-
-    @property
-    def train_bf16(self) -> bool:
-        """The Trainer's `bf16` flag: bf16 weights on CUDA, bf16 autocast over fp32 weights on such CPUs."""
-        return self.bf16 or self.amp
-
-    def __str__(self) -> str:
-        if self.type == "cuda":
-            import torch
-
-            return f"CUDA ({torch.cuda.get_device_name(0)}, {'bf16' if self.bf16 else 'fp32'})"
-        if self.type == "cpu" and self.amp:
-            return "CPU (fp32, bf16 autocast)"
-        return {"mps": "Apple MPS (fp32)", "cpu": "CPU (fp32)"}[self.type]
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matrix multiplies run in hardware, measured 2.1x faster than fp32 for a
-    SmolLM2 training step here. Without them bf16 is emulated and slower, so fp32 stays.
-    NBALIGN_CPU_BF16=0/1 overrides the detection."""
-    forced = os.environ.get("NBALIGN_CPU_BF16")
-    if forced in ("0", "1"):
-        return forced == "1"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def pick_device() -> Device:
-    """CUDA (bf16 where the card supports it) > MPS > CPU (bf16 autocast where the CPU has it in hardware)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return Device("cuda", torch.cuda.is_bf16_supported())
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return Device("mps", False)
-    return Device("cpu", False, amp=cpu_has_native_bf16())
-
-
-@dataclass(frozen=True)
 class ModelRef:
     """Where a model comes from. `parents` are run folders whose adapters are merged into `base`, oldest
     first: a run trained on top of another run continues from that run's weights."""
@@ -92,11 +37,6 @@ class ModelRef:
     parents: tuple[str, ...] = ()
 
 
-def is_run_folder(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / "spec.json").is_file() and (p / "status.json").is_file()
-
-
 def resolve(name: str) -> ModelRef:
     """Find a model by name without loading it; errors say what to do instead."""
     name = str(name).strip()
@@ -104,7 +44,7 @@ def resolve(name: str) -> ModelRef:
         return ModelRef(name, str(builtin_model_dir()))
     path = Path(name).expanduser()
     if path.is_dir():
-        if is_run_folder(path):
+        if runfolder.is_run_folder(path):
             return _resolve_run(path)
         if (path / "config.json").is_file():
             return ModelRef(name, str(path))
@@ -119,16 +59,13 @@ def resolve(name: str) -> ModelRef:
 
 
 def _resolve_run(path: Path) -> ModelRef:
-    from .runs import read_status  # runs imports models; import here to keep the layers acyclic at load
-
-    status = read_status(path)
+    status = runfolder.read_status(path)
     if status.get("status") != "finished":
         raise NbalignError(
             f"The run '{path}' is {status.get('status', 'unknown')}, not finished, so it has no final weights.",
             f"finish it first (re-run its cell with --resume --out {path}), or pick a finished run.",
         )
-    spec = json.loads((path / "spec.json").read_text())
-    parent = resolve(spec["spec"]["model"])
+    parent = resolve(runfolder.read_spec(path)["spec"]["model"])
     return ModelRef(str(path), parent.base, parent.parents + (str(path.resolve()),))
 
 
@@ -262,20 +199,20 @@ def _merge_parents(model, parents):
     from peft import PeftModel
 
     for run in parents:
-        run_path = Path(run)
-        if (run_path / "model" / "config.json").is_file():  # a full fine-tune: its weights replace the base
+        weights = runfolder.weights_dir(run)
+        if weights.name == runfolder.MODEL:  # a full fine-tune: its weights replace the base
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(run_path / "model", dtype=model.dtype)
+            model = AutoModelForCausalLM.from_pretrained(weights, dtype=model.dtype)
         else:
-            model = PeftModel.from_pretrained(model, run_path / "adapter").merge_and_unload()
+            model = PeftModel.from_pretrained(model, weights).merge_and_unload()
     return model
 
 
 def merged_folder(ref: ModelRef) -> Path:
     """The run's final weights as a plain model folder (`<run>/merged`), written once, atomically."""
     run = Path(ref.parents[-1])
-    target = run / "merged"
+    target = runfolder.merged_dir(run)
     if (target / "config.json").is_file():
         return target
     import torch
@@ -358,36 +295,72 @@ def apply_adapter(model, adapter: AdapterSpec, seed: int, task_type: str = "CAUS
     return get_peft_model(model, config)
 
 
-def free_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
 
 
-@contextlib.contextmanager
-def quiet():
-    """Hide library chatter during a run (weight-loading and dataset-map bars, deprecation notices):
-    the live progress display is the one thing a user should watch."""
-    import datasets
-    import transformers
+# ----------------------------------------------------------------------------------------------------
+# A finished reward model run
 
-    # bitsandbytes' CPU backend logs that an optional kernels package is missing; it works without it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    bars_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:
-        transformers.utils.logging.enable_progress_bar()
-        if bars_on:
-            datasets.enable_progress_bars()
+
+def check_reward_run(path: str | Path, what: str = "reward model") -> Path:
+    """The folder of a finished %%reward_model run; anything else is an error that names the fix."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise NbalignError(
+            f"The {what} '{path}' does not exist.", "pass the folder of a %%reward_model run (its --out)."
+        )
+    if not folder.is_dir():
+        raise NbalignError(
+            f"The {what} '{path}' is a file, not a run folder.", "pass the --out folder of a %%reward_model run."
+        )
+    if not runfolder.is_run_folder(folder):
+        raise NbalignError(
+            f"The {what} '{path}' is not an nbalign run folder (no spec.json/status.json).",
+            "pass the --out folder of a %%reward_model run.",
+        )
+    method = runfolder.read_spec(folder).get("method")
+    if method != "reward_model":
+        raise NbalignError(
+            f"The {what} '{path}' is a %%{method} run, not a reward model: it has no score head.",
+            "train one with %%reward_model on preference pairs and pass its --out folder.",
+        )
+    status = runfolder.read_status(folder)
+    if status.get("status") != "finished":
+        raise NbalignError(
+            f"The reward model run '{path}' is {status.get('status', 'unknown')}, not finished, so it has no final "
+            "weights.",
+            f"finish it first (re-run its cell with --resume --out {path}), or pick a finished run.",
+        )
+    return folder
+
+
+def new_head_is_expected():
+    """Silence transformers' load report about a new score head (and the unused LM head), as TRL does."""
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    return suppress_seqcls_warning()
+
+
+def load_reward_model(path: str | Path, device=None):
+    """(model, tokenizer) of a finished reward model run: its base (parents merged) with the trained adapter
+    and score head merged in, in eval mode with no gradients. One plain SequenceClassification model."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = check_reward_run(path)
+    device = device or pick_device()
+    weights = runfolder.weights_dir(folder)
+    with quiet():
+        if weights.name == runfolder.MODEL:  # full fine-tuning saved the whole model
+            model = AutoModelForSequenceClassification.from_pretrained(weights, dtype=device.dtype).to(device.type)
+        else:
+            base_name = runfolder.read_spec(folder)["spec"]["model"]
+            with new_head_is_expected():  # the trained head comes with the adapter
+                model = load_model(resolve(base_name), device, head="score")
+            model = PeftModel.from_pretrained(model, weights).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(weights)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer

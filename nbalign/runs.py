@@ -1,119 +1,14 @@
-"""Run folders and the Run object.
-
-A run folder is the unit a user passes on. `status.json` is written last on success and atomically
-always, so a crash never leaves a folder that claims to be finished.
-"""
+"""The objects users hold for runs on disk: Run (spec, status, metrics, weights, display) and RewardModel
+(a finished %%reward_model run that scores answers). They read the folder through runfolder.py."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import html
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import runfolder
 from .errors import NbalignError
-
-STATUSES = ("running", "finished", "interrupted", "failed")
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_status(path: str | Path) -> dict:
-    """The run's status. A run still marked running whose process is gone (a kernel restart, a crash)
-    reads as interrupted, so it can be resumed from its last checkpoint."""
-    try:
-        status = json.loads((Path(path) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if status.get("status") == "running" and not _alive(status.get("pid"), status.get("host")):
-        status.update(status="interrupted", message="the process training it ended (kernel restart or crash)")
-    return status
-
-
-def _alive(pid, host) -> bool:
-    import socket
-
-    if not pid or host != socket.gethostname():
-        return True  # cannot tell from here: trust the file
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def set_status(path: Path, status: str, message: str | None = None, **extra) -> None:
-    import socket
-
-    assert status in STATUSES
-    payload = {"status": status, "updated": _now(), **extra}
-    if status == "running":
-        payload.update(pid=os.getpid(), host=socket.gethostname())
-    if message:
-        payload["message"] = message
-    write_json_atomic(path / "status.json", payload)
-
-
-def _now() -> str:
-    return _dt.datetime.now().isoformat(timespec="seconds")
-
-
-def default_out(method: str, root: str | Path = "runs") -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{method}-{stamp}"
-
-
-def latest_checkpoint(path: Path) -> Path | None:
-    folder = path / "checkpoints"
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def prepare_folder(out: Path, method: str, *, resume: bool, overwrite: bool) -> None:
-    """Check that `out` may be used as asked, before anything is written there."""
-    status = read_status(out).get("status")
-    if resume:
-        if status is None:
-            raise NbalignError(
-                f"--resume: '{out}' holds no run to resume.", f"drop --resume to start a new run in '{out}'."
-            )
-        if status == "finished":
-            raise NbalignError(
-                f"--resume: the run in '{out}' already finished.",
-                "use it as --model to continue training from it, or use --overwrite to train it again.",
-            )
-        if latest_checkpoint(out) is None:
-            raise NbalignError(
-                f"--resume: the {status} run in '{out}' saved no checkpoint to continue from.",
-                "start it again with --overwrite.",
-            )
-        return
-    if status is not None and not overwrite:
-        what = f"{'an' if status[0] in 'aeiou' else 'a'} {status} run"
-        fix = (
-            "pick another --out, or add --overwrite to replace it."
-            if status != "interrupted"
-            else "add --resume to continue it, --overwrite to start again, or pick another --out."
-        )
-        raise NbalignError(f"The folder '{out}' already holds {what}.", fix)
-    if status is None and out.exists() and any(out.iterdir()):
-        raise NbalignError(
-            f"The folder '{out}' exists and is not an nbalign run folder, so nbalign will not write into it.",
-            "pick another --out.",
-        )
 
 
 class Run:
@@ -121,13 +16,16 @@ class Run:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not (self.path / "spec.json").is_file():
-            raise NbalignError(f"'{self.path}' is not an nbalign run folder (no spec.json).", "check the path.")
+        if not runfolder.is_run_folder(self.path):
+            raise NbalignError(
+                f"'{self.path}' is not an nbalign run folder (it needs spec.json and status.json).",
+                "pass the --out folder of a run; `%nbalign runs` lists them.",
+            )
 
     # --- what is on disk -------------------------------------------------------------------------
     @property
     def spec(self) -> dict:
-        return json.loads((self.path / "spec.json").read_text())
+        return runfolder.read_spec(self.path)
 
     @property
     def method(self) -> str:
@@ -135,33 +33,36 @@ class Run:
 
     @property
     def status(self) -> str:
-        return read_status(self.path).get("status", "unknown")
+        return runfolder.read_status(self.path).get("status", "unknown")
 
     @property
     def message(self) -> str | None:
-        return read_status(self.path).get("message")
+        return runfolder.read_status(self.path).get("message")
 
     @property
     def summary(self) -> dict:
-        return read_status(self.path).get("summary", {})
+        return runfolder.read_status(self.path).get("summary", {})
 
     @property
     def metrics(self):
         """One row per logged step, as a pandas DataFrame."""
         import pandas as pd
 
-        return pd.DataFrame(read_metrics(self.path))
+        return pd.DataFrame(runfolder.read_metrics(self.path))
 
     # --- using the weights -----------------------------------------------------------------------
-    def generate(self, prompt: Any, max_new_tokens: int = 128, **kwargs) -> str | list[str]:
-        """Answer `prompt` (a string, a message list, or a list of either) with the tuned model."""
-        from .generation import generate
-
+    def _check_finished(self) -> None:
         if self.status != "finished":
             raise NbalignError(
                 f"The run '{self.path}' is {self.status}; its final weights were not saved.",
                 "finish it with --resume, or load the interrupted adapter explicitly from its adapter/ folder.",
             )
+
+    def generate(self, prompt: Any, max_new_tokens: int = 128, **kwargs) -> str | list[str]:
+        """Answer `prompt` (a string, a message list, or a list of either) with the tuned model."""
+        from .generation import generate
+
+        self._check_finished()
         return generate(str(self.path), prompt, max_new_tokens=max_new_tokens, **kwargs)
 
     def evaluate(self, data: Any, **options):
@@ -173,15 +74,15 @@ class Run:
 
     @property
     def evaluation(self):
-        """The evaluation measured at the end of training (preference methods), or None."""
-        from .evaluation import load
+        """The evaluation measured at the end of training, or None."""
+        from .results import load
 
         return load(self.path)
 
     def _plot_png(self) -> bytes | None:
         from .plots import loss_png
 
-        return loss_png(read_metrics(self.path), title=self.path.name)
+        return loss_png(runfolder.read_metrics(self.path), title=self.path.name)
 
     # --- display ---------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -192,7 +93,7 @@ class Run:
     def _repr_html_(self) -> str:
         import base64
 
-        status = read_status(self.path)
+        status = runfolder.read_status(self.path)
         spec = self.spec
         rows = {
             "status": status.get("status", "unknown") + (f" - {status['message']}" if status.get("message") else ""),
@@ -209,7 +110,7 @@ class Run:
         )
         png = self._plot_png()
         img = f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}'/>" if png else ""
-        evaluation = self.evaluation if (self.path / "evaluation.json").is_file() else None
+        evaluation = self.evaluation
         return (
             f"<div><b>nbalign {html.escape(self.method)} run</b> <code>{html.escape(str(self.path))}</code>"
             f"<div style='display:flex;gap:1em;align-items:flex-start'><table>{table}</table>{img}</div>"
@@ -224,18 +125,69 @@ def _fmt(v: Any) -> Any:
     return v
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    rows = []
-    try:
-        with open(Path(path) / "metrics.jsonl", encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line cut short by a crash
-                    continue
-    except OSError:
-        pass
-    return rows
+def _is_single(value: Any) -> bool:
+    """A string or one message list (not a list of prompts)."""
+    return isinstance(value, str) or (isinstance(value, list) and bool(value) and isinstance(value[0], dict))
+
+
+class RewardModel(Run):
+    """A finished %%reward_model run: `score(prompt, response)` rates answers, `accuracy(pairs)` checks it on
+    held-out pairs. The model is loaded once and kept (one model at a time, shared with generation)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path)
+        if self.method != "reward_model":
+            raise NbalignError(
+                f"'{self.path}' is a %%{self.method} run, not a %%reward_model run: it has no score head.",
+                f"use nbalign.Run('{self.path}') for it, or pass the folder of a %%reward_model run.",
+            )
+
+    def _loaded(self):
+        from .generation import CACHE, cache_key
+        from .models import check_reward_run, load_reward_model
+
+        check_reward_run(self.path)
+        return CACHE.get(cache_key(self.path, "reward"), lambda: load_reward_model(self.path))
+
+    def score(self, prompt: Any, response: Any, batch_size: int = 8) -> float | list[float]:
+        """The reward of `response` to `prompt`. Each may be a string or a message list; pass lists of them to
+        score many at once (one prompt with a list of responses scores each response to that prompt)."""
+        from .scoring import reward_input_ids, score_ids
+        from .text import as_messages
+
+        single = _is_single(prompt) and _is_single(response)
+        prompts = [prompt] if _is_single(prompt) else list(prompt)
+        responses = [response] if _is_single(response) else list(response)
+        if len(prompts) == 1 and len(responses) > 1:
+            prompts = prompts * len(responses)
+        if len(prompts) != len(responses):
+            raise NbalignError(
+                f"score() got {len(prompts)} prompts and {len(responses)} responses.",
+                "pass one response per prompt, or one prompt with a list of responses.",
+            )
+        if not prompts:
+            return []
+        model, tokenizer = self._loaded()
+        ids = [
+            reward_input_ids(tokenizer, as_messages(p, "user", i, "prompts"), as_messages(r, "assistant", i, "responses"))
+            for i, (p, r) in enumerate(zip(prompts, responses))
+        ]
+        scores = score_ids(model, tokenizer, ids, batch_size)
+        return scores[0] if single else scores
+
+    def accuracy(self, pairs: Any, batch_size: int = 8) -> dict:
+        """Pairwise accuracy and mean margin (score(chosen) - score(rejected)) on preference pairs in any
+        format %%reward_model accepts."""
+        from .evaluation import reward_accuracy
+        from .generation import CACHE
+
+        return reward_accuracy(self.path, pairs, batch_size, cache=CACHE)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        acc = next(((k, v) for k, v in s.items() if k.endswith("_accuracy")), None)
+        extra = f", {acc[0]}={acc[1]:.3f}" if acc else ""
+        return f"RewardModel({str(self.path)!r}, status={self.status!r}{extra})"
 
 
 def list_runs(root: str | Path = "runs"):
@@ -243,16 +195,9 @@ def list_runs(root: str | Path = "runs"):
     import pandas as pd
 
     rows = []
-    root = Path(root)
-    for spec_file in sorted(root.glob("**/spec.json")):
-        folder = spec_file.parent
-        if folder.name in ("adapter", "model", "merged") or "checkpoints" in folder.parts:
-            continue
-        try:
-            spec = json.loads(spec_file.read_text())
-        except ValueError:
-            continue
-        status = read_status(folder)
+    for folder in runfolder.find_runs(root) if Path(root).is_dir() else []:
+        spec = runfolder.read_spec(folder)
+        status = runfolder.read_status(folder)
         summary = status.get("summary", {})
         rows.append(
             {

@@ -43,7 +43,7 @@ def _base_type(tp) -> tuple[type | None, bool]:
     return (tp if tp in (int, float, bool, str) else None), optional
 
 
-def coerce(name: str, value: Any, tp, where: str) -> Any:
+def coerce(name: str, value: Any, tp, where: str, example: Any = None) -> Any:
     """Turn a YAML or command-line value into the field's type; PyYAML reads `2e-4` as a string."""
     base, optional = _base_type(tp)
     if value is None or base is None:
@@ -68,11 +68,14 @@ def coerce(name: str, value: Any, tp, where: str) -> Any:
     except (TypeError, ValueError):
         raise NbalignError(
             f"{where}: '{name}' must be {'an' if base is int else 'a'} {base.__name__}, got {value!r}.",
-            f"write e.g. `{name}: {_example(base)}`.",
+            f"write e.g. `{name}: {_example(base, example)}`.",
         ) from None
 
 
-def _example(base: type) -> str:
+def _example(base: type, example: Any = None) -> str:
+    """A value of the right type to show in a fix: the field's own default when it has one."""
+    if example is not None and isinstance(example, bool) == (base is bool):
+        return str(example).lower() if base is bool else f"{example:g}" if base is float else str(example)
     return {int: "8", float: "2.0e-4", bool: "true", str: "text"}[base]
 
 
@@ -97,18 +100,19 @@ class Spec:
         check against its TRL config (which knows its own fields)."""
         values = dict(values or {})
         own = cls.field_names() - {"trl"}
-        known, extra = {}, {}
+        known, extra = {}, dict(values.pop("trl", None) or {})
         for key, value in values.items():
             key = str(key).replace("-", "_")
             (known if key in own else extra)[key] = value
         if extra and not passthrough:
             raise unknown_option(next(iter(extra)), own, cls.where)
         if extra:
-            known["trl"] = {**known.get("trl", {}), **extra}
+            known["trl"] = extra
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name in known and f.name != "trl":
-                known[f.name] = coerce(f.name, known[f.name], hints[f.name], cls.where)
+                default = f.default if f.default is not dataclasses.MISSING else None
+                known[f.name] = coerce(f.name, known[f.name], hints[f.name], cls.where, example=default)
         return cls(**known)
 
     def to_dict(self) -> dict:
@@ -214,31 +218,107 @@ class AdapterSpec(Spec):
         return f"{kind} r={self.r} alpha={self.scaling_alpha} on {targets}"
 
 
+def resolve_adapter(override: Any, current: AdapterSpec | None = None) -> AdapterSpec:
+    """`current` (the session's %%lora setting, or the default) changed by a cell's `lora:` override."""
+    current = current or AdapterSpec()
+    if override is None:
+        return current
+    if isinstance(override, AdapterSpec):
+        return override
+    if isinstance(override, str):
+        return AdapterSpec.from_dict({**current.to_dict(), "type": override})
+    if isinstance(override, dict):
+        return AdapterSpec.from_dict({**current.to_dict(), **override})
+    raise NbalignError(
+        f"'lora' must be a mapping of %%lora fields or one of lora/dora/full, got {override!r}.",
+        "write e.g. `lora: {r: 8}` or `lora: full` in the cell body.",
+    )
+
+
+def _lr(value: float) -> str:
+    return f"{value:.0e}".replace("e-0", "e-")
+
+
 @dataclass
 class TrainSpec(Spec):
     """Options every training method shares. Method specs add their own."""
 
     method: typing.ClassVar[str] = "train"
+    # The learning rate when none is given: (with an adapter, full fine-tuning). Defined here once per method,
+    # shown by --help, used by the run.
+    learning_rates: typing.ClassVar[tuple[float, float]] = (2e-4, 2e-5)
+    # TRL config fields that mean a spec field: mapped onto it, so the step plan and TRL agree.
+    trl_aliases: typing.ClassVar[dict] = {"num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size"}
+    # TRL config fields nbalign sets from a spec field of another shape: refused with the field to use.
+    trl_refused: typing.ClassVar[dict] = {}
 
     model: str = opt(BUILTIN_MODEL, "base model: smollm2-135m, a hub id, a local folder, or a run folder")
     data: Any = opt(None, "training data: a notebook variable (list, DataFrame, Dataset) or a file path")
     out: str | None = opt(None, "run folder; default runs/<method>-<date>-<time>")
     eval_data: Any = opt(None, "held-out data in the same format, evaluated each epoch")
     epochs: float = opt(3.0, "passes over the data")
-    learning_rate: float | None = opt(None, "peak learning rate; default 2e-4 with an adapter, 2e-5 full")
+    learning_rate: float | None = opt(None, "peak learning rate; default {lr}")
     batch_size: int = opt(8, "examples per step (per device)")
     max_length: int = opt(1024, "tokens per example; longer ones are truncated")
     seed: int = opt(42, "random seed for the adapter init and data order")
     resume: bool = opt(False, "continue an interrupted run in --out from its last checkpoint")
     overwrite: bool = opt(False, "replace a finished run in --out")
-    lora: Any = opt(None, "override the session's %%lora for this cell: a mapping of %%lora fields, or 'full'")
+    lora: Any = opt(
+        None,
+        "the adapter for this run: a mapping of %%lora fields or 'full', applied over the session's %%lora "
+        "setting (spec.json records the whole adapter)",
+    )
     trl: dict = opt(None, "extra TRL config fields, passed through unchanged", line=False, factory=dict)
 
+    @classmethod
+    def help_values(cls) -> dict:
+        adapter, full = cls.learning_rates
+        return {"lr": f"{_lr(adapter)} with an adapter, {_lr(full)} for full fine-tuning"}
+
+    def default_learning_rate(self) -> float:
+        adapter, full = self.learning_rates
+        return full if self.lora.type == "full" else adapter
+
+    @property
+    def adapter(self) -> AdapterSpec:
+        return self.lora
+
+    @classmethod
+    def from_dict(cls, values: dict | None, *, passthrough: bool = False):
+        values = dict(values or {})
+        trl = dict(values.pop("trl", None) or {})
+        for key in [k for k in values if str(k).replace("-", "_") not in cls.field_names()]:
+            trl[str(key).replace("-", "_")] = values.pop(key)
+        for key in list(trl):
+            if key in cls.trl_refused:
+                raise NbalignError(
+                    f"{cls.where}: '{key}' is a TRL field that nbalign sets from `{cls.trl_refused[key]}`.",
+                    f"set `{cls.trl_refused[key]}` instead (see `{cls.where} --help`).",
+                )
+            if key in cls.trl_aliases:
+                field_name = cls.trl_aliases[key]
+                value = trl.pop(key)
+                if field_name in values and coerce(field_name, values[field_name], typing.get_type_hints(cls)[
+                        field_name], cls.where) != coerce(field_name, value, typing.get_type_hints(cls)[field_name],
+                                                          cls.where):
+                    raise NbalignError(
+                        f"{cls.where}: '{key}: {value}' (a TRL field) and '{field_name}: {values[field_name]}' "
+                        "disagree; they set the same thing.",
+                        f"keep only `{field_name}`.",
+                    )
+                values[field_name] = value
+        if trl:
+            if not passthrough:
+                raise unknown_option(next(iter(trl)), cls.field_names() - {"trl"}, cls.where)
+            values["trl"] = trl
+        return super().from_dict(values, passthrough=passthrough)
+
     def __post_init__(self):
+        self.lora = resolve_adapter(self.lora)
         if self.data is None and not self.resume:
             raise NbalignError(
                 f"%%{self.method}: no training data was given.",
-                f"pass --data NAME (a notebook variable) or --data path/to/file.jsonl.",
+                "pass --data NAME (a notebook variable) or --data path/to/file.jsonl.",
             )
         if self.epochs <= 0:
             raise NbalignError(f"%%{self.method}: 'epochs' must be positive, got {self.epochs}.", "use e.g. 3.")
@@ -248,11 +328,18 @@ class TrainSpec(Spec):
             raise NbalignError(f"%%{self.method}: 'max_length' {self.max_length} is too small.", "use e.g. 1024.")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise NbalignError(f"%%{self.method}: 'learning_rate' must be positive.", "use e.g. 2.0e-4.")
+        if not 0 <= self.seed < 2**32:
+            raise NbalignError(
+                f"%%{self.method}: 'seed' must be a whole number from 0 to 2**32 - 1, got {self.seed}.",
+                "use e.g. seed: 42.",
+            )
         if self.resume and self.overwrite:
             raise NbalignError(
                 f"%%{self.method}: --resume and --overwrite contradict each other.",
                 "use --resume to continue the run in --out, or --overwrite to start it again.",
             )
+        if self.out is not None and not str(self.out).strip():
+            raise NbalignError(f"%%{self.method}: --out is empty.", "give a folder, e.g. --out runs/run1.")
 
 
 @dataclass
@@ -264,166 +351,3 @@ class SFTSpec(TrainSpec):
 
     completion_only_loss: bool = opt(True, "loss on assistant/completion tokens only (false: every token)")
     packing: bool = opt(False, "pack several short examples into one max_length row")
-
-
-@dataclass
-class PreferenceSpec(TrainSpec):
-    """Options shared by the methods that learn from comparisons: the evaluation they show."""
-
-    watch: bool = opt(True, "measure the evaluation before, during and after training (shown at the end)")
-    general_text: Any = opt(None, "text for the forgetting watch (perplexity before/after); default: built-in English")
-    eval_points: int = opt(2, "evaluations during training, for the curves (0: only before and after)")
-    eval_max_new_tokens: int = opt(64, "tokens generated per held-out prompt for the length and KL watch")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.eval_points < 0:
-            raise NbalignError(f"{self.where}: 'eval_points' must be 0 or more.", "use e.g. 4.")
-        if self.eval_max_new_tokens < 1:
-            raise NbalignError(f"{self.where}: 'eval_max_new_tokens' must be positive.", "use e.g. 64.")
-
-
-DPO_LOSSES = (
-    "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
-)
-REFERENCE_FREE = ("simpo", "orpo")
-PRECOMPUTE = ("auto", True, False)
-
-
-@dataclass
-class DPOSpec(PreferenceSpec):
-    """Direct preference optimisation and its family, from (prompt, chosen, rejected) pairs."""
-
-    method: typing.ClassVar[str] = "dpo"
-    where: typing.ClassVar[str] = "%%dpo"
-
-    loss: Any = opt(
-        "sigmoid",
-        "sigmoid (DPO), ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, "
-        "apo_down, discopop, sigmoid_norm; a weighted mixture like {sigmoid: 0.8, bco_pair: 0.2}; or the "
-        "reference-free simpo and orpo",
-    )
-    beta: float | None = opt(None, "how far from the reference the policy may move; default 0.1 (simpo: 2.0)")
-    sft_weight: float = opt(
-        1.0,
-        "weight of an SFT term on the chosen answers (RPO): keeps their likelihood rising so generations "
-        "move, not only the margin; 0 for the pure loss",
-    )
-    precompute_ref: Any = opt("auto", "compute reference log-probs once before training: auto (when cheaper), true, false")
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.loss = self.loss_weights()  # normalised: {name: weight}
-        if self.sft_weight < 0:
-            raise NbalignError("%%dpo: 'sft_weight' must be 0 or more.", "use 1.0 (default) or 0 for the pure loss.")
-        if self.beta is not None and self.beta <= 0:
-            raise NbalignError("%%dpo: 'beta' must be positive.", "use e.g. beta: 0.1.")
-        if isinstance(self.precompute_ref, str) and self.precompute_ref.lower() != "auto":
-            self.precompute_ref = coerce("precompute_ref", self.precompute_ref, bool, self.where)
-        choice("precompute_ref", self.precompute_ref, PRECOMPUTE, self.where)
-
-    def loss_weights(self) -> dict:
-        loss = self.loss
-        if isinstance(loss, str):
-            parts = [p.strip() for p in loss.replace("+", ",").split(",") if p.strip()]
-            loss = {p: 1.0 for p in parts}
-        elif isinstance(loss, (list, tuple)):
-            loss = {str(p): 1.0 for p in loss}
-        if not isinstance(loss, dict) or not loss:
-            raise NbalignError(
-                f"%%dpo: 'loss' must be a loss name, a list, or a mapping of name to weight, got {self.loss!r}.",
-                "write e.g. `loss: ipo` or `loss: {sigmoid: 0.8, bco_pair: 0.2}`.",
-            )
-        names = {str(k).lower(): coerce(f"loss weight of {k}", v, float, self.where) for k, v in loss.items()}
-        valid = DPO_LOSSES + REFERENCE_FREE
-        for name in names:
-            if name not in valid:
-                raise unknown_option(name, valid, "%%dpo loss")
-        free = [n for n in names if n in REFERENCE_FREE]
-        if free and len(names) > 1:
-            raise NbalignError(
-                f"%%dpo: {free[0]} is its own trainer and cannot be mixed with other losses.",
-                f"use `loss: {free[0]}` alone (its SFT term is set by sft_weight).",
-            )
-        return names
-
-    @property
-    def reference_free(self) -> str | None:
-        name = next(iter(self.loss))
-        return name if name in REFERENCE_FREE else None
-
-
-@dataclass
-class KTOSpec(PreferenceSpec):
-    """Kahneman-Tversky optimisation from unpaired thumbs: (prompt, completion, label)."""
-
-    method: typing.ClassVar[str] = "kto"
-    where: typing.ClassVar[str] = "%%kto"
-
-    beta: float = opt(0.1, "how far from the reference the policy may move")
-    unpair: bool = opt(False, "accept preference pairs: each becomes a thumbs-up (chosen) and a thumbs-down row")
-    desirable_weight: float | None = opt(None, "loss weight of thumbs-up rows; default balances skewed classes")
-    undesirable_weight: float | None = opt(None, "loss weight of thumbs-down rows; default balances skewed classes")
-    precompute_ref: Any = opt("auto", "compute reference log-probs once before training: auto (when cheaper), true, false")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.beta <= 0:
-            raise NbalignError("%%kto: 'beta' must be positive.", "use e.g. beta: 0.1.")
-        for name in ("desirable_weight", "undesirable_weight"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise NbalignError(f"%%kto: '{name}' must be positive.", "leave it unset to balance automatically.")
-        if isinstance(self.precompute_ref, str) and self.precompute_ref.lower() != "auto":
-            self.precompute_ref = coerce("precompute_ref", self.precompute_ref, bool, self.where)
-        choice("precompute_ref", self.precompute_ref, PRECOMPUTE, self.where)
-
-
-@dataclass
-class RewardSpec(TrainSpec):
-    """A Bradley-Terry reward model: a scalar head on the base, trained on (prompt, chosen, rejected) pairs."""
-
-    method: typing.ClassVar[str] = "reward_model"
-    where: typing.ClassVar[str] = "%%reward_model"
-
-    center_rewards: float | None = opt(0.01, "pull scores towards zero mean (coefficient; null to turn off)")
-
-
-RL_ALGORITHMS = ("grpo", "rloo")
-
-
-@dataclass
-class RLHFSpec(TrainSpec):
-    """Online RL: the model answers prompts, a reward model or Python functions score the answers, and the
-    policy moves towards high reward with a KL penalty to the reference."""
-
-    method: typing.ClassVar[str] = "rlhf"
-    where: typing.ClassVar[str] = "%%rlhf"
-
-    reward: Any = opt(None, "a %%reward_model run folder, or Python reward function(s) by notebook name")
-    algorithm: str = opt("grpo", "grpo (group-relative advantages) or rloo (leave-one-out baseline)")
-    beta: float = opt(0.05, "KL penalty to the reference: higher keeps the policy closer")
-    num_generations: int = opt(4, "answers sampled per prompt; the advantage compares them")
-    max_completion_length: int = opt(64, "tokens per sampled answer")
-    temperature: float = opt(1.0, "sampling temperature of the answers")
-    epochs: float = opt(1.0, "passes over the prompts")
-    batch_size: int = opt(8, "answers per step (per device); a multiple of num_generations")
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.algorithm = str(self.algorithm).lower()
-        choice("algorithm", self.algorithm, RL_ALGORITHMS, self.where)
-        if self.reward is None:
-            raise NbalignError(
-                "%%rlhf: no reward was given.",
-                "pass --reward runs/rm1 (a %%reward_model run) or --reward my_fn (a Python function in the notebook).",
-            )
-        if self.num_generations < 2:
-            raise NbalignError("%%rlhf: 'num_generations' must be at least 2 to compare answers.", "use e.g. 4.")
-        if self.batch_size % self.num_generations:
-            raise NbalignError(
-                f"%%rlhf: batch_size {self.batch_size} is not a multiple of num_generations {self.num_generations}.",
-                f"use batch_size {self.num_generations * max(1, self.batch_size // self.num_generations)}.",
-            )
-        if self.beta < 0:
-            raise NbalignError("%%rlhf: 'beta' must be 0 or more.", "use e.g. beta: 0.05.")

@@ -4,7 +4,6 @@ built-in model for behaviour tests, and a clean session per test."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_session():
-    from nbalign.session import session
+    from nbalign import session
 
     session.reset()
     yield

@@ -9,7 +9,7 @@ from helpers import chats, live_models
 
 import nbalign
 from nbalign.errors import NbalignError
-from nbalign.runs import read_metrics
+from nbalign.runfolder import read_metrics
 
 
 def says_ok(answers) -> int:
@@ -35,7 +35,7 @@ def test_sft_teaches_heldout_answers_and_writes_a_complete_run_folder(tiny_model
     assert {"spec.json", "status.json", "metrics.jsonl", "README.md", "adapter"} <= set(os.listdir(folder))
     spec = json.loads((folder / "spec.json").read_text())
     assert spec["method"] == "sft" and spec["seed"] == 42 and "trl" in spec["versions"]
-    assert spec["adapter"]["r"] == 8  # the session's %%lora setting was used
+    assert spec["spec"]["lora"]["r"] == 8  # the session's %%lora setting was used
     assert run.summary["steps"] == 12 and len(run.metrics) >= 12
     # The adapter is a plain PEFT adapter, and it learned: held-out prompts now get the taught answer.
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), folder / "adapter")
@@ -84,7 +84,7 @@ def test_dora_full_and_qlora_train_and_save(tiny_model, in_tmp, adapter, saved):
     nbalign.lora(model=tiny_model, **adapter)
     run = nbalign.sft(chats(8), model=tiny_model, out="runs/a", epochs=1, batch_size=4, learning_rate=1e-3)
     assert run.status == "finished" and (in_tmp / "runs/a" / saved / "config.json").exists() == (saved == "model")
-    config = json.loads((in_tmp / "runs/a/spec.json").read_text())["adapter"]
+    config = json.loads((in_tmp / "runs/a/spec.json").read_text())["spec"]["lora"]
     assert config == {**config, **adapter}
     if saved == "adapter":
         peft_config = json.loads((in_tmp / "runs/a/adapter/adapter_config.json").read_text())
@@ -93,7 +93,8 @@ def test_dora_full_and_qlora_train_and_save(tiny_model, in_tmp, adapter, saved):
 
 
 def test_qlora_report_shrinks_base_memory_and_matches_the_loaded_model(tiny_model):
-    from nbalign.models import load_model, pick_device, resolve
+    from nbalign.devices import pick_device
+    from nbalign.models import load_model, resolve
     from nbalign.specs import AdapterSpec
 
     plain = nbalign.lora(r=4, model=tiny_model)
@@ -109,7 +110,7 @@ def test_cell_override_and_packing(tiny_model, in_tmp):
     run = nbalign.sft(chats(8), model=tiny_model, out="runs/p", epochs=1, batch_size=2, packing=True,
                       max_length=128, lora={"r": 2, "target_modules": ["q_proj"]})
     spec = json.loads((run.path / "spec.json").read_text())
-    assert spec["adapter"]["r"] == 2 and spec["trl_config"]["packing"] is True
+    assert spec["spec"]["lora"]["r"] == 2 and spec["trl_config"]["packing"] is True
     # 8 chats of about 40 tokens packed into rows of 128: fewer optimizer steps than 8 / 2 unpacked.
     assert run.summary["steps"] < 4
 

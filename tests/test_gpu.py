@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 def test_cuda_is_picked_with_bf16_where_supported():
     import torch
 
-    from nbalign.models import pick_device
+    from nbalign.devices import pick_device
 
     device = pick_device()
     assert device.type == "cuda" and device.bf16 == torch.cuda.is_bf16_supported()

@@ -49,13 +49,18 @@ def test_sft_magic_builds_the_spec_from_line_and_body(ip, captured):
 
 
 def test_sft_magic_takes_a_path_when_no_variable_has_that_name(ip, captured):
+    import nbalign
+    from nbalign.specs import AdapterSpec
+
+    nbalign.session.adapter = AdapterSpec(r=8, target_modules=["q_proj", "v_proj"], dropout=0.1)
     ip.run_cell_magic("sft", "--data data/chats.jsonl --model runs/sft1", "lora: {r: 4}")
     assert captured[0].data == "data/chats.jsonl" and captured[0].model == "runs/sft1"
-    assert captured[0].lora == {"r": 4}
+    # The spec holds the whole adapter: the session's %%lora setting with the cell's override on top.
+    assert captured[0].lora == AdapterSpec(r=4, target_modules=["q_proj", "v_proj"], dropout=0.1)
 
 
 def test_lora_magic_sets_the_session_adapter_and_reports_cost(ip, capsys):
-    from nbalign.session import session
+    from nbalign import session
 
     ip.run_cell_magic("lora", "", "r: 8\nalpha: 16\ntarget_modules: [q_proj, v_proj]\n")
     assert session.adapter.r == 8 and session.adapter.target_modules == ["q_proj", "v_proj"]
@@ -139,7 +144,7 @@ def engines(monkeypatch):
 
 
 def test_preference_magics_build_their_specs(ip, engines):
-    from nbalign.specs import DPOSpec, KTOSpec, RewardSpec, RLHFSpec
+    from nbalign.preference_specs import DPOSpec, KTOSpec, RewardSpec, RLHFSpec
 
     ip.user_ns["prefs"] = [{"prompt": "a", "chosen": "b", "rejected": "c"}]
     ip.run_cell_magic("dpo", "--model runs/json-sft --data prefs --out runs/dpo1",

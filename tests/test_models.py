@@ -7,7 +7,7 @@ import pytest
 
 from nbalign.errors import NbalignError
 from nbalign.models import resolve
-from nbalign.runs import read_status, set_status
+from nbalign.runfolder import read_status, set_status
 
 
 def test_builtin_model_is_found_without_importing_its_package(smollm2_dir):

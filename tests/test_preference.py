@@ -143,7 +143,7 @@ def test_prompts_longer_than_max_length_are_refused(in_tmp, tiny_model):
 
 
 def test_thumbs_labels_in_the_forms_people_write_them():
-    from nbalign.data import to_unpaired
+    from nbalign.preference_data import to_unpaired
 
     rows = [{"prompt": "q", "completion": "a", "label": v} for v in (True, 1, "up", "👍", "false", 0, "down")]
     assert [r["label"] for r in to_unpaired(rows)] == [True, True, True, True, False, False, False]
@@ -152,7 +152,7 @@ def test_thumbs_labels_in_the_forms_people_write_them():
 
 
 def test_pairs_with_an_implicit_prompt_are_split():
-    from nbalign.data import to_pairs
+    from nbalign.preference_data import to_pairs
 
     chosen = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     rejected = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey there, how can I help?"}]
@@ -161,7 +161,7 @@ def test_pairs_with_an_implicit_prompt_are_split():
 
 
 def test_dpo_spec_errors_name_the_fix():
-    from nbalign.specs import DPOSpec
+    from nbalign.preference_specs import DPOSpec
 
     with pytest.raises(NbalignError, match="did you mean 'sigmoid'"):
         DPOSpec.from_dict({"data": [1], "loss": "sigmod"})
@@ -190,7 +190,7 @@ def test_an_interrupted_dpo_run_resumes_and_still_shows_its_evaluation(in_tmp, t
 
 
 def test_the_evaluation_warns_when_ranking_improves_but_answers_do_not_move():
-    from nbalign.evaluation import Evaluation
+    from nbalign.results import Evaluation
 
     before = {"accuracy": 0.5, "like_chosen": 0.56, "length": 140, "perplexity": 51.6, "chosen_logp_change": 0.0}
     # Measured on the built-in model: KTO on 56 thumbs rows ranked every held-out pair right, answers unchanged.

@@ -29,7 +29,8 @@ def test_reward_model_magic_trains_and_scores_like_trl(tiny_model, in_tmp, ip):
     from transformers import AutoTokenizer
     from trl.data_utils import _tokenize, apply_chat_template
 
-    from nbalign.methods.reward import RewardModel, encode
+    from nbalign.runs import RewardModel
+    from nbalign.scoring import reward_input_ids as encode
 
     ip.user_ns.update(prefs=style_pairs()[:8], held=style_pairs("heldout")[:4])
     rm = ip.run_cell_magic(
@@ -215,9 +216,10 @@ def test_prompts_data_errors_name_the_fix(tiny_model, in_tmp):
 def test_reward_model_learns_the_terse_style_on_the_builtin_model(in_tmp):
     import torch
 
-    from nbalign.data import to_pairs
-    from nbalign.methods.reward import pair_metrics
-    from nbalign.models import load_model, load_tokenizer, pick_device, resolve
+    from nbalign.devices import pick_device
+    from nbalign.models import load_model, load_tokenizer, resolve
+    from nbalign.preference_data import to_pairs
+    from nbalign.scoring import pair_metrics
 
     heldout = style_pairs("heldout")
     # The untrained head (initialised as the run initialises it, seed 42) already leans the right way on

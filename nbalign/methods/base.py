@@ -2,77 +2,96 @@
 
 Everything that can be checked is checked before the run folder is touched; then the folder is written
 (spec first, status last), training runs under an interrupt guard, and the model is freed whatever
-happens, with no traceback left holding tensors.
+happens, with no traceback left holding tensors. A method object holds no per-run state: what one run
+learns while it is prepared (counts, held-out rows, rewards, the evaluation watch) travels in its Plan.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import json
-import shutil
 import sys
 import traceback
-import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import NbalignError, unknown_option
-from ..runs import Run, default_out, latest_checkpoint, prepare_folder, read_status, set_status, write_json_atomic
-from ..session import session
-from ..specs import AdapterSpec, TrainSpec, coerce
+from .. import runfolder
+from ..errors import NbalignError
+from ..generation import CACHE
+from ..runs import Run
+from ..specs import AdapterSpec, TrainSpec, describe_data
+from .config import checked_trl_fields, common_defaults, planned_steps, trl_config
 
-# Config fields nbalign sets from the run itself; a body that sets them would break the run folder.
-RESERVED = {"output_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id"}
+# Spec fields that may hold in-memory data: saved into the run folder, so spec.json replays.
+DATA_FIELDS = ("data", "eval_data")
+
+
+@dataclass
+class Prepared:
+    """A method's datasets, and what it learnt about the data while preparing them."""
+
+    train: Any
+    eval: Any
+    n_examples: int
+    state: dict = field(default_factory=dict)  # per-run values: class counts, held-out rows, rewards, ...
 
 
 @dataclass
 class Plan:
-    """A run fully checked and ready to start; nothing has been written yet."""
+    """A run fully checked and ready to start; nothing has been written yet. The one copy of its spec."""
 
     spec: TrainSpec
     out: Path
-    adapter: AdapterSpec
     ref: Any  # models.ModelRef
-    device: Any  # models.Device
+    device: Any  # devices.Device
     tokenizer: Any
-    train_dataset: Any
-    eval_dataset: Any
+    data: Prepared
     config: Any  # the TRL config
-    n_examples: int
     steps: int
+    records: dict = field(default_factory=dict)  # in-memory data as rows, saved with the run
+
+    @property
+    def adapter(self) -> AdapterSpec:
+        return self.spec.lora
+
+    @property
+    def state(self) -> dict:
+        return self.data.state
 
 
 class Method:
-    """What a method module provides: its spec and TRL config classes, data preparation, and trainer."""
+    """What a method module provides: its TRL config and trainer classes, data preparation, defaults."""
 
     name: str = "train"
-    config_class: Any = None
 
-    def build_datasets(self, spec, tokenizer) -> tuple[Any, Any, int]:
+    def config_class(self, spec):
         raise NotImplementedError
 
-    def config_defaults(self, spec, device, adapter: AdapterSpec, steps: int) -> dict:
+    def trainer_class(self, spec):
         raise NotImplementedError
 
-    def trainer_class(self):
-        """The TRL trainer class this method trains with."""
+    def prepare(self, spec, tokenizer) -> Prepared:
         raise NotImplementedError
+
+    def config_defaults(self, spec, device, steps: int, prepared: Prepared) -> dict:
+        return common_defaults(spec, device, steps)
+
+    def planned_steps(self, spec, n_examples: int, extra: dict) -> int:
+        return planned_steps(spec, n_examples, extra)
 
     def build_trainer(self, plan: Plan, model, callbacks: list, **extra):
-        return self.trainer_class()(
+        return self.trainer_class(plan.spec)(
             model=model,
             args=plan.config,
-            train_dataset=plan.train_dataset,
-            eval_dataset=plan.eval_dataset,
+            train_dataset=plan.data.train,
+            eval_dataset=plan.data.eval,
             processing_class=plan.tokenizer,
             callbacks=callbacks,
             **extra,
         )
 
     def load_model(self, plan: Plan):
-        """The model to train: the base (parents merged) with the session's adapter applied."""
+        """The model to train: the base (parents merged) with the run's adapter applied."""
         from ..models import apply_adapter, load_model
 
         model = load_model(plan.ref, plan.device, plan.adapter)
@@ -86,131 +105,84 @@ class Method:
         """After training, with the model still loaded: numbers for the summary (e.g. the evaluation)."""
         return {}
 
-    def planned_steps(self, spec, n_examples: int, extra: dict) -> int:
-        return planned_steps(spec, n_examples, extra)
+    def stored_values(self, spec) -> dict:
+        """Spec fields spec.json records in another form than spec.to_dict() gives (e.g. functions by name)."""
+        return {}
 
-
-def common_defaults(spec: TrainSpec, device, steps: int) -> dict:
-    """TRL config values every method shares: length, batch, device, logging, checkpoints."""
-    return {
-        "num_train_epochs": spec.epochs,
-        "per_device_train_batch_size": spec.batch_size,
-        "per_device_eval_batch_size": spec.batch_size,
-        "seed": spec.seed,
-        # Checkpointing trades time (1.3x measured in fp32, bench/) for memory a model this size does not need.
-        "activation_checkpointing": False,
-        "bf16": device.train_bf16,
-        "fp16": False,
-        "use_cpu": device.type == "cpu",
-        "dataloader_pin_memory": device.type == "cuda",
-        # About 50 points on the loss curve, whatever the run length.
-        "logging_steps": max(1, steps // 50),
-        "eval_strategy": "epoch" if spec.eval_data is not None else "no",
-        # Checkpoints for --resume after a crash; an interrupt saves one on its own.
-        "save_strategy": "steps",
-        "save_steps": max(25, steps // 4),
-        "save_total_limit": 1,
-        "report_to": "none",
-        "dataset_num_proc": None,
-    }
-
-
-def resolve_adapter(override: Any, current: AdapterSpec) -> AdapterSpec:
-    """The session's %%lora setting, changed by a cell's `lora:` override if it has one."""
-    if override is None:
-        return current
-    if isinstance(override, AdapterSpec):
-        return override
-    if isinstance(override, str):
-        return AdapterSpec.from_dict({**current.to_dict(), "type": override})
-    if isinstance(override, dict):
-        return AdapterSpec.from_dict({**current.to_dict(), **override})
-    raise NbalignError(
-        f"'lora' must be a mapping of %%lora fields or one of lora/dora/full, got {override!r}.",
-        "write e.g. `lora: {r: 8}` or `lora: full` in the cell body.",
-    )
-
-
-def checked_trl_fields(method: Method, spec: TrainSpec) -> dict:
-    """The body's TRL fields, checked against the method's TRL config and typed; unknown fields are
-    rejected with the nearest valid name."""
-    cls = method.config_class
-    fields = {f.name for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    where = f"%%{method.name}"
-    extra = {}
-    for key, value in spec.trl.items():
-        if key in RESERVED:
-            raise NbalignError(f"{where}: '{key}' is set by nbalign from --out.", "remove it from the cell body.")
-        if key not in fields:
-            raise unknown_option(key, fields | spec.field_names() - {"trl"}, where)
-        extra[key] = coerce(key, value, hints.get(key, Any), where)
-    return extra
-
-
-def trl_config(method: Method, spec: TrainSpec, out: Path, device, adapter, steps: int, extra: dict):
-    """The method's TRL config: nbalign's defaults for this model size and device, then the body's
-    (checked) TRL fields on top."""
-    values = method.config_defaults(spec, device, adapter, steps)
-    values.update(extra)
-    values["output_dir"] = str(out / "checkpoints")
-    try:
-        return method.config_class(**values)
-    except (ValueError, TypeError) as exc:
-        raise NbalignError(
-            f"%%{method.name}: the TRL config rejected these settings: {exc}", "fix the named field."
-        ) from None
+    def card_usage(self, plan: Plan) -> tuple[str, str]:
+        """(the transformers Auto class that loads the weights, a notebook line that uses the run)."""
+        return "AutoModelForCausalLM", f'nbalign.Run("{plan.out}").generate("...")'
 
 
 def plan_run(method: Method, spec: TrainSpec) -> Plan:
-    from ..models import check_targets, load_tokenizer, pick_device, resolve, skeleton
+    from ..devices import pick_device
+    from ..models import check_targets, load_tokenizer, resolve, skeleton
 
-    out = Path(spec.out) if spec.out else default_out(method.name)
-    prepare_folder(out, method.name, resume=spec.resume, overwrite=spec.overwrite)
+    out = Path(spec.out) if spec.out else runfolder.default_out(method.name)
+    runfolder.prepare_folder(out, resume=spec.resume, overwrite=spec.overwrite)
     if spec.resume:
         spec = _resume_spec(spec, out)
-    extra = checked_trl_fields(method, spec)  # before anything slow: a typo fails at once
-    adapter = resolve_adapter(spec.lora, session.adapter)
+    config_class = method.config_class(spec)
+    extra = checked_trl_fields(config_class, spec)  # before anything slow: a typo fails at once
     ref = resolve(spec.model)
-    check_targets(skeleton(ref), adapter, spec.model)
+    check_targets(skeleton(ref), spec.lora, spec.model)
     device = pick_device()
     tokenizer = load_tokenizer(ref)
-    train_dataset, eval_dataset, n = method.build_datasets(spec, tokenizer)
-    steps = method.planned_steps(spec, n, extra)
-    config = trl_config(method, spec, out, device, adapter, steps, extra)
-    return Plan(spec, out, adapter, ref, device, tokenizer, train_dataset, eval_dataset, config, n, steps)
+    records = _in_memory_records(spec)
+    prepared = method.prepare(spec, tokenizer)
+    steps = method.planned_steps(spec, prepared.n_examples, extra)
+    defaults = method.config_defaults(spec, device, steps, prepared)
+    config = trl_config(config_class, spec, out, defaults, extra)
+    return Plan(spec, out, ref, device, tokenizer, prepared, config, steps, records)
 
 
-def planned_steps(spec: TrainSpec, n_examples: int, extra: dict) -> int:
-    """Optimizer steps the run will take: what logging and checkpoint intervals are sized against.
-    (Packing can lower it; the intervals only need the right order of magnitude.)"""
-    if (extra.get("max_steps") or -1) > 0:
-        return extra["max_steps"]
-    accumulation = max(1, extra.get("gradient_accumulation_steps") or 1)
-    per_epoch = -(-n_examples // (spec.batch_size * accumulation))
-    return max(1, int(per_epoch * spec.epochs))
+def _in_memory_records(spec: TrainSpec) -> dict:
+    """Rows of the data given as notebook objects (not paths), to save with the run."""
+    from ..data import load_records
+
+    out = {}
+    for name in DATA_FIELDS:
+        value = getattr(spec, name)
+        if value is None or isinstance(value, (str, Path)):
+            continue
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            value = [{"prompt": v} for v in value]  # prompts alone (%%rlhf)
+        out[name] = load_records(value, name.replace("_", " "))
+    return out
 
 
 def _resume_spec(spec: TrainSpec, out: Path) -> TrainSpec:
-    stored = json.loads((out / "spec.json").read_text())["spec"]
-    data = spec.data if spec.data is not None else stored.get("data")
-    if isinstance(data, dict) or data is None:
-        raise NbalignError(
-            f"--resume: the run in '{out}' was trained on in-memory data, which was not saved with it.",
-            "pass the same data again with --data.",
-        )
-    given = spec.to_dict()
-    if given.get("data") != stored.get("data"):
-        raise NbalignError(
-            f"--resume: the data differs from the data the run in '{out}' started with.",
-            "pass the same data, or start a new run with --overwrite.",
-        )
-    return spec.replace(data=data)
+    """The spec to continue with: the stored one's data when none is given; given data must be the same."""
+    stored = runfolder.read_spec(out).get("spec", {})
+    changes = {}
+    for name in DATA_FIELDS:
+        kept, given = stored.get(name), getattr(spec, name)
+        if given is None:
+            if isinstance(kept, dict) and not kept.get("saved"):
+                raise NbalignError(
+                    f"--resume: the run in '{out}' was trained on in-memory data, which was not saved with it.",
+                    "pass the same data again with --data.",
+                )
+            changes[name] = runfolder.stored_data(out, kept)
+        elif not _same_data(given, kept, out):
+            raise NbalignError(
+                f"--resume: the {name.replace('_', ' ')} differs from the data the run in '{out}' started with.",
+                "pass the same data (or none: the run kept a copy), or start a new run with --overwrite.",
+            )
+    return spec.replace(**changes) if changes else spec
+
+
+def _same_data(given: Any, kept: Any, out: Path) -> bool:
+    if isinstance(given, (str, Path)):
+        return str(given) == str(kept) or str(given) == runfolder.stored_data(out, kept)
+    if isinstance(kept, dict):
+        return describe_data(given).get("fingerprint") == kept.get("fingerprint") is not None
+    return False
 
 
 def run(method: Method, spec: TrainSpec) -> Run:
     """Check, write, train, save; return the Run (finished or interrupted). Failures raise NbalignError."""
-    from ..models import quiet
+    from ..devices import quiet
 
     with quiet():
         return _run(method, spec)
@@ -219,15 +191,13 @@ def run(method: Method, spec: TrainSpec) -> Run:
 def _run(method: Method, spec: TrainSpec) -> Run:
     plan = plan_run(method, spec)
     out = plan.out
-    if plan.spec.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    session.release()  # the model kept for generation is not needed while training: free it first
+    runfolder.start(out, overwrite=plan.spec.overwrite)
+    CACHE.release()  # the model kept for generation is not needed while training: free it first
     _write_spec(method, plan)
-    set_status(out, "running")
+    runfolder.set_status(out, "running")
     print(
         f"nbalign {method.name}: {plan.spec.model} on {plan.device} | {plan.adapter.describe()} | "
-        f"{plan.n_examples} examples, {plan.steps} steps -> {out}",
+        f"{plan.data.n_examples} examples, {plan.steps} steps -> {out}",
         flush=True,
     )
     error = _train(method, plan)
@@ -236,28 +206,38 @@ def _run(method: Method, spec: TrainSpec) -> Run:
     return Run(out)
 
 
+def spec_payload(spec: TrainSpec, saved: dict) -> dict:
+    """spec.to_dict() with in-memory data replaced by where it was saved in the run folder."""
+    values = spec.to_dict()
+    for name, rel in saved.items():
+        values[name] = {**describe_data(getattr(spec, name)), "saved": rel}
+    return values
+
+
 def _write_spec(method: Method, plan: Plan) -> None:
     import peft
     import torch
     import transformers
     import trl
 
-    from .. import __version__
+    from ..version import __version__
 
-    previous = {}
-    if plan.spec.resume:
-        previous = json.loads((plan.out / "spec.json").read_text())
+    previous = runfolder.read_spec(plan.out) if plan.spec.resume else {}
+    saved = {name: runfolder.save_data(plan.out, name, rows) for name, rows in plan.records.items()}
+    values = {**spec_payload(plan.spec, saved), **method.stored_values(plan.spec)}
+    if previous:  # a resumed run keeps the record of the data it started from
+        values.update({k: previous["spec"][k] for k in DATA_FIELDS if k in previous.get("spec", {})})
+    values.update(resume=False, overwrite=False)  # how this cell was run, not what the run is
     payload = {
         "method": method.name,
-        "spec": plan.spec.to_dict(),
-        "adapter": plan.adapter.to_dict(),
+        "spec": values,
         "adapter_description": plan.adapter.describe(),
         "trl_config": {k: v for k, v in plan.config.to_dict().items() if not k.startswith("_")},
         "base_model_path": plan.ref.base,
         "parent_runs": list(plan.ref.parents),
         "device": str(plan.device),
         "seed": plan.spec.seed,
-        "examples": plan.n_examples,
+        "examples": plan.data.n_examples,
         "started": previous.get("started") or _dt.datetime.now().isoformat(timespec="seconds"),
         "versions": {
             "nbalign": __version__,
@@ -268,14 +248,14 @@ def _write_spec(method: Method, plan: Plan) -> None:
             "python": sys.version.split()[0],
         },
     }
-    write_json_atomic(plan.out / "spec.json", payload)
+    runfolder.write_spec(plan.out, payload)
 
 
 def _train(method: Method, plan: Plan) -> NbalignError | None:
     """Train and save. Returns the error to raise, so the caller raises it after every frame that held the
     model is gone (a traceback kept by IPython would otherwise keep the weights alive)."""
     from ..callbacks import InterruptGuard, LiveProgress, MetricsWriter, StopOnInterrupt
-    from ..models import free_memory
+    from ..devices import free_memory
 
     out = plan.out
     guard = InterruptGuard()
@@ -292,11 +272,15 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
                 callback.bind(trainer)
         state["trainer"] = trainer
         _quiet_default_progress(trainer)
-        resume_from = str(latest_checkpoint(out)) if plan.spec.resume else None
-        with guard:
-            result = trainer.train(resume_from_checkpoint=resume_from)
+        checkpoint = runfolder.latest_checkpoint(out) if plan.spec.resume else None
+        if checkpoint is not None and _trained_to_the_end(checkpoint):
+            # Killed after the last step but before the weights were saved: nothing is left to train.
+            result = _restore(trainer, checkpoint)
+        else:
+            with guard:
+                result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         summary = _summary(trainer, result)
-        _save_weights(trainer, plan)
+        runfolder.save_weights(out, trainer.model, plan.tokenizer, full=plan.adapter.type == "full")
         if not guard.requested:
             try:
                 summary.update(method.finish(plan, trainer))
@@ -304,10 +288,10 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
                 summary["evaluation"] = "skipped: interrupted"
             except Exception as exc:  # noqa: BLE001 - the trained weights are saved; the evaluation is extra
                 summary["evaluation"] = f"failed: {type(exc).__name__}: {exc}"
-                (out / "error.log").write_text(traceback.format_exc())
+                runfolder.write_error_log(out, traceback.format_exc())
         outcome = "interrupted" if guard.requested else "finished"
         if outcome == "finished":
-            _write_model_card(method, plan, summary)
+            runfolder.write_card(out, _model_card(method, plan, summary))
         else:
             message = f"stopped by the user at step {trainer.state.global_step}; re-run the cell with --resume"
     except KeyboardInterrupt:
@@ -315,8 +299,8 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
         # optimizer half-way, so --resume goes back to the last checkpoint saved between steps.
         trainer = state["trainer"]
         if trainer is not None:
-            _save_weights(trainer, plan)
-        last = latest_checkpoint(out)
+            runfolder.save_weights(out, trainer.model, plan.tokenizer, full=plan.adapter.type == "full")
+        last = runfolder.latest_checkpoint(out)
         outcome = "interrupted"
         message = (
             f"stopped by the user mid-step; --resume continues from {last.name}"
@@ -327,7 +311,7 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
         outcome, message, own_error = "failed", exc.message, True
     except Exception as exc:  # noqa: BLE001 - recorded in the run folder and reported as one paragraph
         outcome, message = "failed", f"{type(exc).__name__}: {exc}"
-        (out / "error.log").write_text(traceback.format_exc())
+        runfolder.write_error_log(out, traceback.format_exc())
     finally:
         trainer = state["trainer"]
         if trainer is not None:
@@ -335,17 +319,34 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
         state.clear()
         model = trainer = None
         # Status last: a folder that says "finished" has its weights and card.
-        set_status(out, outcome, message, summary=summary)
+        runfolder.set_status(out, outcome, message, summary=summary)
         free_memory()
     if outcome == "failed":
         if own_error:
             return NbalignError(f"{message} The run in '{out}' is marked failed.")
         return NbalignError(
-            f"Training failed: {message}. The full traceback is in {out / 'error.log'}; the run is marked failed.",
+            f"Training failed: {message}. The full traceback is in {out / runfolder.ERROR_LOG}; the run is marked "
+            "failed.",
             "read the log; if memory ran out, lower batch_size or max_length, or use `%%lora quantize: 4bit`.",
         )
     if outcome == "interrupted":
         print(f"nbalign: the run in {out} was interrupted and saved: {message}.")
+    return None
+
+
+def _trained_to_the_end(checkpoint: Path) -> bool:
+    import json
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+def _restore(trainer, checkpoint: Path):
+    """The trainer as it was at a checkpoint taken after the last step: its weights and logged history."""
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     return None
 
 
@@ -359,8 +360,9 @@ def _quiet_default_progress(trainer) -> None:
 
 
 def _summary(trainer, result) -> dict:
-    metrics = dict(result.metrics or {})
     logs = trainer.state.log_history
+    metrics = dict(result.metrics or {}) if result is not None else next(
+        (r for r in reversed(logs) if "train_runtime" in r), {})
     tokens = next((r["num_tokens"] for r in reversed(logs) if "num_tokens" in r), None)
     summary = {
         "steps": trainer.state.global_step,
@@ -378,26 +380,9 @@ def _summary(trainer, result) -> dict:
     return {k: v for k, v in summary.items() if v is not None}
 
 
-def _save_weights(trainer, plan: Plan) -> None:
-    """The adapter (or, for full fine-tuning, the whole model) plus the tokenizer, written atomically."""
-    import os
-    import tempfile
-
-    target = plan.out / ("model" if plan.adapter.type == "full" else "adapter")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=plan.out))
-    try:
-        trainer.model.save_pretrained(tmp)
-        plan.tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_model_card(method: Method, plan: Plan, summary: dict) -> None:
+def _model_card(method: Method, plan: Plan, summary: dict) -> str:
     spec = plan.spec
-    data = spec.to_dict()["data"]
+    data = runfolder.read_spec(plan.out).get("spec", {}).get("data")
     lines = [
         f"# {plan.out.name}",
         "",
@@ -408,25 +393,29 @@ def _write_model_card(method: Method, plan: Plan, summary: dict) -> None:
         f"| method | {method.name} |",
         f"| base model | {spec.model} |",
         f"| adapter | {plan.adapter.describe()} |",
-        f"| data | {json.dumps(data) if not isinstance(data, str) else data} ({plan.n_examples} examples) |",
+        f"| data | {data if isinstance(data, str) else _describe(data)} ({plan.data.n_examples} examples) |",
         f"| epochs | {spec.epochs:g} |",
         f"| learning rate | {plan.config.learning_rate:g} |",
         f"| batch size | {spec.batch_size} |",
         f"| device | {plan.device} |",
     ]
     lines += [f"| {k} | {v} |" for k, v in summary.items()]
-    rm = method.name == "reward_model"
-    auto = "AutoModelForSequenceClassification" if rm else "AutoModelForCausalLM"
-    kw = ", num_labels=1" if rm else ""
+    auto, notebook = method.card_usage(plan)
+    kw = ", num_labels=1" if auto == "AutoModelForSequenceClassification" else ""
+    weights = plan.out / (runfolder.MODEL if plan.adapter.type == "full" else runfolder.ADAPTER)
     if plan.adapter.type == "full":
-        usage = f'model = {auto}.from_pretrained("{plan.out}/model")'
+        usage = f'model = {auto}.from_pretrained("{weights}")'
     else:
         usage = (
             f'base = {auto}.from_pretrained("{plan.ref.base}"{kw})  # merged with parent runs, if any\n'
-            f'model = PeftModel.from_pretrained(base, "{plan.out}/adapter")'
+            f'model = PeftModel.from_pretrained(base, "{weights}")'
         )
-    notebook = (f'nbalign.RewardModel("{plan.out}").score(prompt, answer)' if rm
-                else f'nbalign.Run("{plan.out}").generate("...")')
     lines += ["", "## Use", "", "```python", f"from transformers import {auto}",
               "from peft import PeftModel", usage, "```", "", f"Or in a notebook: `{notebook}`.", ""]
-    (plan.out / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    return "\n".join(lines)
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, dict) and data.get("saved"):
+        return f"in-memory {data.get('in_memory')}, saved as {data['saved']}"
+    return str(data)

@@ -9,8 +9,8 @@ With an adapter the reference is the adapter switched off: no second copy of the
 
 from __future__ import annotations
 
-from ..data import to_pairs
-from ..specs import DPOSpec
+from ..preference_data import to_pairs
+from ..preference_specs import DPOSpec
 from . import base
 from .preference import PreferenceMethod
 
@@ -18,44 +18,39 @@ from .preference import PreferenceMethod
 TRL_CLASSES = {"simpo": ("trl.experimental.cpo", "CPO"), "orpo": ("trl.experimental.orpo", "ORPO")}
 
 
+def _trl(spec: DPOSpec, kind: str):
+    """TRL's Config or Trainer class for the chosen loss: DPO's, or CPO's (SimPO) / ORPO's."""
+    import importlib
+    import warnings
+
+    module, prefix = TRL_CLASSES.get(spec.reference_free, ("trl", "DPO"))
+    with warnings.catch_warnings():  # TRL marks CPO/ORPO experimental; nbalign pins the TRL it tests with
+        warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+        return getattr(importlib.import_module(module), prefix + kind)
+
+
 class DPO(PreferenceMethod):
     name = "dpo"
 
-    def _trl(self, kind: str):
-        """TRL's Config or Trainer class for the chosen loss: DPO's, or CPO's (SimPO) / ORPO's."""
-        import importlib
-        import warnings
+    def config_class(self, spec: DPOSpec):
+        return _trl(spec, "Config")
 
-        module, prefix = TRL_CLASSES.get(self.spec.reference_free, ("trl", "DPO"))
-        with warnings.catch_warnings():  # TRL marks CPO/ORPO experimental; nbalign pins the TRL it tests with
-            warnings.filterwarnings("ignore", message=".*trl.experimental.*")
-            return getattr(importlib.import_module(module), prefix + kind)
+    def trainer_class(self, spec: DPOSpec):
+        return _trl(spec, "Trainer")
 
-    @property
-    def config_class(self):
-        return self._trl("Config")
-
-    def trainer_class(self):
-        return self._trl("Trainer")
-
-    def rows(self, records, what, held_out=False):
+    def rows(self, spec, records, what, held_out=False):
         return to_pairs(records, what)
 
     def beta(self, spec: DPOSpec) -> float:
-        return spec.beta or (2.0 if spec.reference_free == "simpo" else 0.1)
+        return spec.beta or spec.default_beta()
 
-    def config_defaults(self, spec: DPOSpec, device, adapter, steps: int) -> dict:
-        values = {
-            **super().config_defaults(spec, device, adapter, steps),
-            "learning_rate": spec.learning_rate or (5e-6 if adapter.type == "full" else 2e-4),
-            "max_length": spec.max_length,
-            "beta": self.beta(spec),
-        }
+    def config_defaults(self, spec: DPOSpec, device, steps: int, prepared) -> dict:
+        values = {**super().config_defaults(spec, device, steps, prepared), "beta": self.beta(spec)}
         free = spec.reference_free
         if free == "simpo":
             values.update(loss_type="simpo", cpo_alpha=spec.sft_weight)
         elif free == "orpo":
-            pass  # ORPO's loss already holds the SFT term; beta weighs the odds-ratio term
+            pass  # ORPO's loss already holds the SFT term (weight 1); beta weighs the odds-ratio term
         else:
             losses = dict(spec.loss)
             if spec.sft_weight > 0:
@@ -65,10 +60,10 @@ class DPO(PreferenceMethod):
             values.update(
                 loss_type=list(losses),
                 loss_weights=list(losses.values()),
-                precompute_ref_log_probs=self.precompute(spec, adapter, steps),
+                precompute_ref_log_probs=self.precompute(spec, steps, prepared.n_examples),
             )
         return values
 
 
 def dpo(spec: DPOSpec):
-    return base.run(DPO(spec), spec)
+    return base.run(DPO(), spec)

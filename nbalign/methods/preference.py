@@ -3,54 +3,51 @@
 
 from __future__ import annotations
 
-from ..data import check_prompt_lengths, load_records
-from ..specs import PreferenceSpec
+from ..data import load_records
+from ..preference_data import check_prompt_lengths
+from ..preference_specs import PreferenceSpec
 from . import base
 
 
 class PreferenceMethod(base.Method):
     """A base.Method that measures nbalign.evaluate's metrics while it trains (see callbacks.AlignmentWatch)."""
 
-    def __init__(self, spec: PreferenceSpec):
-        self.spec = spec
-        self.watch = None
-        self.eval_rows = None
-
-    # Subclasses: rows(records, what) -> normalised rows; beta(spec) -> the implicit reward's beta.
-    def rows(self, records: list[dict], what: str, held_out: bool = False) -> list[dict]:
+    # Subclasses: rows(spec, records, what, held_out) -> normalised rows; beta(spec) -> the implicit reward's beta.
+    def rows(self, spec, records: list[dict], what: str, held_out: bool = False) -> list[dict]:
         raise NotImplementedError
 
     def beta(self, spec) -> float:
-        return getattr(spec, "beta", None) or 0.1
+        return spec.beta
 
-    def build_datasets(self, spec: PreferenceSpec, tokenizer):
+    def prepare(self, spec: PreferenceSpec, tokenizer) -> base.Prepared:
         from datasets import Dataset
 
-        self.train_records = load_records(spec.data, "training data")
-        train_rows = self.rows(self.train_records, "training data")
-        check_prompt_lengths(train_rows, tokenizer, spec.max_length, "training data", f"%%{self.name}")
-        evals = None
+        train_records = load_records(spec.data, "training data")
+        train_rows = self.rows(spec, train_records, "training data")
+        check_prompt_lengths(train_rows, tokenizer, spec.max_length, "training data", spec.where)
+        evals, eval_records = None, None
         if spec.eval_data is not None:
-            self.eval_rows = load_records(spec.eval_data, "eval data")
-            eval_rows = self.rows(self.eval_rows, "eval data", held_out=True)
-            check_prompt_lengths(eval_rows, tokenizer, spec.max_length, "eval data", f"%%{self.name}")
+            eval_records = load_records(spec.eval_data, "eval data")
+            eval_rows = self.rows(spec, eval_records, "eval data", held_out=True)
+            check_prompt_lengths(eval_rows, tokenizer, spec.max_length, "eval data", spec.where)
             # With the watch on, the held-out data goes to it (AlignmentWatch measures the implicit-reward
             # accuracy TRL's evaluation would, plus answers, KL and perplexity); evaluating twice doubles the cost.
             evals = None if spec.watch else Dataset.from_list(eval_rows)
-        self.n_rows = len(train_rows)
-        return Dataset.from_list(train_rows), evals, len(train_rows)
+        state = {"train_records": train_records, "eval_records": eval_records, "rows": train_rows}
+        return base.Prepared(Dataset.from_list(train_rows), evals, len(train_rows), state)
 
-    def precompute(self, spec, adapter, steps: int) -> bool:
+    def precompute(self, spec, steps: int, n_rows: int) -> bool:
         """Reference log-probs once before training, when that is cheaper: with full fine-tuning it saves a
         second copy of the model, and when the run sees its data more than once (epochs, or max_steps past
         one pass) it saves a reference pass per extra pass. A short run would pay for rows it never trains on."""
         if spec.precompute_ref != "auto":
             return bool(spec.precompute_ref)
-        passes = steps * spec.batch_size * max(1, spec.trl.get("gradient_accumulation_steps") or 1) / self.n_rows
-        return adapter.type == "full" or passes > 1
+        passes = steps * spec.batch_size * max(1, spec.trl.get("gradient_accumulation_steps") or 1) / n_rows
+        return spec.lora.type == "full" or passes > 1
 
-    def config_defaults(self, spec, device, adapter, steps: int) -> dict:
-        values = base.common_defaults(spec, device, steps)
+    def config_defaults(self, spec, device, steps: int, prepared) -> dict:
+        values = super().config_defaults(spec, device, steps, prepared)
+        values["max_length"] = spec.max_length
         if spec.watch:
             values["eval_strategy"] = "no"
         return values
@@ -62,22 +59,23 @@ class PreferenceMethod(base.Method):
         spec = plan.spec
         if not spec.watch:
             return []
-        if self.eval_rows is not None:
-            data = eval_data(self.eval_rows, spec.general_text, source="held-out", limit=32)
+        if plan.state["eval_records"] is not None:
+            data = eval_data(plan.state["eval_records"], spec.general_text, source="held-out", limit=32)
         else:  # no held-out data: watch a sample of the training rows, and say so
-            data = eval_data(self.train_records, spec.general_text, source="training (no eval_data given)", limit=16)
-        self.watch = AlignmentWatch(data, plan.tokenizer, self.beta(spec), spec.eval_points, spec.eval_max_new_tokens,
-                                    folder=plan.out)
-        return [self.watch]
+            data = eval_data(plan.state["train_records"], spec.general_text,
+                             source="training (no eval_data given)", limit=16)
+        plan.state["watch"] = AlignmentWatch(data, plan.tokenizer, self.beta(spec), spec.eval_points,
+                                             spec.eval_max_new_tokens, folder=plan.out)
+        return [plan.state["watch"]]
 
     def finish(self, plan: base.Plan, trainer) -> dict:
-        return watch_summary(self.watch, plan.out)
+        return watch_summary(plan.state.get("watch"), plan.out)
 
 
 def watch_summary(watch, out) -> dict:
     """The watch's start and end measurements as an Evaluation: printed, saved to evaluation.json, and
     flattened into the run's summary."""
-    from ..evaluation import Evaluation, save
+    from ..results import Evaluation, save
 
     if watch is None or watch.first is None or watch.last is None:
         return {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..data import load_records, to_conversations, tokenize_sft
+from ..data import check_sft_lengths, load_records, to_conversations, tokenize_sft
 from ..specs import SFTSpec
 from . import base
 
@@ -10,36 +10,36 @@ from . import base
 class SFT(base.Method):
     name = "sft"
 
-    @property
-    def config_class(self):
+    def config_class(self, spec):
         from trl import SFTConfig
 
         return SFTConfig
 
-    def build_datasets(self, spec: SFTSpec, tokenizer):
+    def trainer_class(self, spec):
+        from trl import SFTTrainer
+
+        return SFTTrainer
+
+    def prepare(self, spec: SFTSpec, tokenizer) -> base.Prepared:
         from datasets import Dataset
 
         def prepare(data, what):
             rows = to_conversations(load_records(data, what), what)
-            return Dataset.from_dict(tokenize_sft(rows, tokenizer, spec.completion_only_loss)), len(rows)
+            tokens = tokenize_sft(rows, tokenizer, spec.completion_only_loss)
+            check_sft_lengths(tokens, spec.max_length, what)
+            return Dataset.from_dict(tokens), len(rows)
 
         train, n = prepare(spec.data, "training data")
         evals = prepare(spec.eval_data, "eval data")[0] if spec.eval_data is not None else None
-        return train, evals, n
+        return base.Prepared(train, evals, n)
 
-    def config_defaults(self, spec: SFTSpec, device, adapter, steps: int) -> dict:
+    def config_defaults(self, spec: SFTSpec, device, steps: int, prepared) -> dict:
         return {
-            **base.common_defaults(spec, device, steps),
-            "learning_rate": spec.learning_rate or (2e-5 if adapter.type == "full" else 2e-4),
+            **super().config_defaults(spec, device, steps, prepared),
             "max_length": spec.max_length,
             "packing": spec.packing,
             "completion_only_loss": spec.completion_only_loss,
         }
-
-    def trainer_class(self):
-        from trl import SFTTrainer
-
-        return SFTTrainer
 
 
 def sft(spec: SFTSpec):
