@@ -27,6 +27,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) bench/bench_sft.py
 	$(PYTHON) bench/bench_pref.py
+	$(PYTHON) bench/bench_import.py
 
 clean:
 	rm -rf $(STAMP) runs build *.egg-info

@@ -59,6 +59,7 @@ def build_parser(spec_cls: type[Spec], prog: str, description: str, extra: bool 
         if not (f.default is None and "default" in help_text):
             shown = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text += f" (default: {shown!r})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: keep %%lora as written
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)

@@ -157,11 +157,14 @@ def check_writable(out: Path) -> None:
             f"--out '{out}' lies under '{parent}', which is a file, so the folder cannot be created.",
             "pick a path whose parent folders are folders, e.g. --out runs/run1.",
         )
-    if not os.access(parent, os.W_OK | os.X_OK):
+    try:  # a real write: permissions, read-only file systems and quotas all show here
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
         raise NbalignError(
-            f"--out '{out}': nbalign may not write in '{parent}' (permission denied).",
+            f"--out '{out}': nbalign cannot write in '{parent}' ({exc.strerror or exc}).",
             "pick a folder you can write to, e.g. one under your home or the notebook's folder.",
-        )
+        ) from None
 
 
 def prepare_folder(out: Path, *, resume: bool, overwrite: bool) -> None:

@@ -116,22 +116,35 @@ def test_unknown_trl_field_is_rejected_with_the_nearest_name(ip, tiny_model, in_
     assert not (in_tmp / "runs").exists()
 
 
-def test_load_ext_is_fast_and_loads_no_heavy_library():
+def test_load_ext_loads_no_heavy_library():
+    # How long it takes is measured in bench/bench_import.py, not asserted here.
     code = (
-        "import sys, time; t = time.time()\n"
+        "import sys\n"
         "from IPython.core.interactiveshell import InteractiveShell\n"
-        "ip = InteractiveShell.instance(); t = time.time()\n"
+        "ip = InteractiveShell.instance()\n"
         "ip.run_line_magic('load_ext', 'nbalign')\n"
-        "dt = time.time() - t\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
-        "print(heavy, dt)\n"
         "assert not heavy, heavy\n"
         "assert ip.find_cell_magic('sft') and ip.find_cell_magic('lora') and ip.find_line_magic('nbalign')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    heavy, seconds = out.stdout.rsplit(" ", 1)
-    assert float(seconds) < 1.0
+
+
+@pytest.mark.parametrize("magic", ["sft", "dpo", "kto", "reward_model", "rlhf"])
+def test_help_shows_each_default_from_its_one_definition(ip, capsys, magic):
+    """The learning rate (per method and adapter) and DPO's beta are defined once, on the spec class; the help
+    shows that definition and the run uses it (tests/test_engine.py, test_preference.py)."""
+    from nbalign.api import METHODS
+
+    spec_class = METHODS[magic][0]
+    ip.run_line_magic(magic, "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    adapter, full = spec_class.learning_rates
+    assert f"default {adapter:.0e} with an adapter, {full:.0e} for full fine-tuning".replace("e-0", "e-") in text
+    assert "%%lora" in text
+    if magic == "dpo":
+        assert "default 0.1 (simpo: 2.0)" in text
 
 
 @pytest.fixture
