@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +101,8 @@ def builtin_model_dir() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    # Renamed into place last: an interrupted conversion never leaves a folder that looks complete.
+    with runfolder.atomic_folder(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # Dequantised weights are plain fp32; drop the GGUF marker so the Trainer accepts the model.
@@ -115,12 +113,6 @@ def builtin_model_dir() -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del model
-        # Rename last: an interrupted conversion never leaves a folder that looks complete.
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -221,13 +213,9 @@ def merged_folder(ref: ModelRef) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(ref.base, dtype=torch.float32)
     model = _merge_parents(model, ref.parents)
-    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=run))
-    try:
+    with runfolder.atomic_folder(target) as tmp:
         model.save_pretrained(tmp)
         load_tokenizer(ref).save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

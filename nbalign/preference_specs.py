@@ -12,14 +12,20 @@ from .errors import NbalignError, nearest
 from .specs import TrainSpec, choice, coerce, opt
 
 
+PRECOMPUTE = ("auto", True, False)
+
+
 @dataclass
 class PreferenceSpec(TrainSpec):
-    """Options shared by the methods that learn from comparisons: the evaluation they show."""
+    """Options shared by the methods that learn from comparisons: the evaluation they show, the reference."""
+
+    trl_aliases: typing.ClassVar[dict] = {**TrainSpec.trl_aliases, "precompute_ref_log_probs": "precompute_ref"}
 
     watch: bool = opt(True, "measure the evaluation before, during and after training (shown at the end)")
     general_text: Any = opt(None, "text for the forgetting watch (perplexity before/after); default: built-in English")
     eval_points: int = opt(2, "evaluations during training, for the curves (0: only before and after)")
     eval_max_new_tokens: int = opt(64, "tokens generated per held-out prompt for the length and KL watch")
+    precompute_ref: Any = opt("auto", "compute reference log-probs once before training: auto (when cheaper), true, false")
 
     def __post_init__(self):
         super().__post_init__()
@@ -27,6 +33,9 @@ class PreferenceSpec(TrainSpec):
             raise NbalignError(f"{self.where}: 'eval_points' must be 0 or more.", "use e.g. 4.")
         if self.eval_max_new_tokens < 1:
             raise NbalignError(f"{self.where}: 'eval_max_new_tokens' must be positive.", "use e.g. 64.")
+        if isinstance(self.precompute_ref, str) and self.precompute_ref.lower() != "auto":
+            self.precompute_ref = coerce("precompute_ref", self.precompute_ref, bool, self.where)
+        choice("precompute_ref", self.precompute_ref, PRECOMPUTE, self.where)
 
 
 DPO_LOSSES = (
@@ -34,7 +43,6 @@ DPO_LOSSES = (
     "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
 )
 REFERENCE_FREE = ("simpo", "orpo")
-PRECOMPUTE = ("auto", True, False)
 
 
 @dataclass
@@ -44,7 +52,6 @@ class DPOSpec(PreferenceSpec):
     method: typing.ClassVar[str] = "dpo"
     where: typing.ClassVar[str] = "%%dpo"
     learning_rates: typing.ClassVar[tuple[float, float]] = (2e-4, 5e-6)
-    trl_aliases: typing.ClassVar[dict] = {**TrainSpec.trl_aliases, "precompute_ref_log_probs": "precompute_ref"}
     trl_refused: typing.ClassVar[dict] = {"loss_type": "loss", "loss_weights": "loss", "cpo_alpha": "sft_weight"}
 
     loss: Any = opt(
@@ -59,7 +66,6 @@ class DPOSpec(PreferenceSpec):
         "weight of an SFT term on the chosen answers (RPO; for simpo TRL's cpo_alpha): keeps their likelihood "
         "rising so generations move, not only the margin; 0 for the pure loss; orpo's own SFT term is fixed",
     )
-    precompute_ref: Any = opt("auto", "compute reference log-probs once before training: auto (when cheaper), true, false")
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,9 +80,6 @@ class DPOSpec(PreferenceSpec):
             )
         if self.beta is not None and self.beta <= 0:
             raise NbalignError("%%dpo: 'beta' must be positive.", "use e.g. beta: 0.1.")
-        if isinstance(self.precompute_ref, str) and self.precompute_ref.lower() != "auto":
-            self.precompute_ref = coerce("precompute_ref", self.precompute_ref, bool, self.where)
-        choice("precompute_ref", self.precompute_ref, PRECOMPUTE, self.where)
 
     def loss_weights(self) -> dict:
         loss = self.loss
@@ -139,13 +142,11 @@ class KTOSpec(PreferenceSpec):
     # Measured on the built-in model (bf16 autocast, 85 thumbs, 3 epochs): 2e-4 left 6 of 16 held-out answers in
     # the old style, 5e-4 raised general-text perplexity 1.22x; 3e-4 gave 16/16 at 1.14x.
     learning_rates: typing.ClassVar[tuple[float, float]] = (3e-4, 5e-6)
-    trl_aliases: typing.ClassVar[dict] = {**TrainSpec.trl_aliases, "precompute_ref_log_probs": "precompute_ref"}
 
     beta: float = opt(0.1, "how far from the reference the policy may move")
     unpair: bool = opt(False, "accept preference pairs: each becomes a thumbs-up (chosen) and a thumbs-down row")
     desirable_weight: float | None = opt(None, "loss weight of thumbs-up rows; default balances skewed classes")
     undesirable_weight: float | None = opt(None, "loss weight of thumbs-down rows; default balances skewed classes")
-    precompute_ref: Any = opt("auto", "compute reference log-probs once before training: auto (when cheaper), true, false")
 
     def __post_init__(self):
         super().__post_init__()
@@ -154,9 +155,6 @@ class KTOSpec(PreferenceSpec):
         for name in ("desirable_weight", "undesirable_weight"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise NbalignError(f"%%kto: '{name}' must be positive.", "leave it unset to balance automatically.")
-        if isinstance(self.precompute_ref, str) and self.precompute_ref.lower() != "auto":
-            self.precompute_ref = coerce("precompute_ref", self.precompute_ref, bool, self.where)
-        choice("precompute_ref", self.precompute_ref, PRECOMPUTE, self.where)
 
 
 @dataclass

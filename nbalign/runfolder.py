@@ -18,6 +18,7 @@ success, so a crash never leaves a folder that claims to be finished or a half-w
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -258,19 +259,27 @@ def weights_dir(path: str | Path) -> Path:
     return path / MODEL if (path / MODEL / "config.json").is_file() else path / ADAPTER
 
 
-def save_weights(path: Path, model, tokenizer, full: bool) -> Path:
-    """The adapter (or, for full fine-tuning, the whole model) plus the tokenizer, written atomically: into a
-    temporary folder first, renamed into place when complete."""
-    target = Path(path) / (MODEL if full else ADAPTER)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=path))
+@contextlib.contextmanager
+def atomic_folder(target: Path):
+    """A temporary folder beside `target` to write into; when the block ends without error it replaces
+    `target` in one rename, so an interrupted write never leaves a folder that looks complete."""
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        yield tmp
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_weights(path: Path, model, tokenizer, full: bool) -> Path:
+    """The adapter (or, for full fine-tuning, the whole model) plus the tokenizer, written atomically."""
+    target = Path(path) / (MODEL if full else ADAPTER)
+    with atomic_folder(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 
