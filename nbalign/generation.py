@@ -38,10 +38,11 @@ CACHE = ModelCache()
 def cache_key(model: str, kind: str = "causal") -> str:
     """A key that changes when a run folder is trained again in place (--overwrite), so an answer never
     comes from old weights."""
+    from .runfolder import status_stamp
+
     path = Path(str(model))
     if path.exists():
-        status = path / "status.json"
-        return f"{kind}:{path.resolve()}@{status.stat().st_mtime_ns if status.exists() else 0}"
+        return f"{kind}:{path.resolve()}@{status_stamp(path)}"
     return f"{kind}:{model}"
 
 

@@ -105,6 +105,14 @@ def _alive(pid, host) -> bool:
     return True
 
 
+def status_stamp(path: str | Path) -> int:
+    """When status.json last changed (0 without one): a run trained again in place gets a new stamp."""
+    try:
+        return (Path(path) / STATUS).stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def set_status(path: Path, status: str, message: str | None = None, **extra) -> None:
     import socket
 
