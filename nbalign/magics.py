@@ -70,27 +70,67 @@ def build_parser(spec_cls: type[Spec], prog: str, description: str, extra: bool 
     return parser
 
 
-def parse_cell(parser: _Parser, line: str, cell: str | None) -> tuple[dict, str | None]:
-    """Merge the YAML body with the line options (line wins); returns (values, output variable)."""
+# PyYAML's wording -> what it means in a cell body, and its fix (None: the general one).
+YAML_PROBLEMS = [
+    ("given twice", None, "keep one of them."),
+    ("'\\t'", "a tab character", "indent with spaces, not tabs."),
+    ("flow mapping", "a `{` that is never closed", "close it, e.g. `lora: {r: 8}`."),
+    ("flow sequence", "a `[` that is never closed", "close it, e.g. `target_modules: [q_proj, v_proj]`."),
+    ("mapping values are not allowed", "a second ': ' in one value", "quote the value, e.g. `key: \"a: b\"`."),
+    ("could not find expected ':'", "a line that is not `key: value`", None),
+    ("found unexpected end of stream", "a quote that is never closed", "close the quote."),
+]
+
+
+def _read_body(prog: str, cell: str) -> dict:
+    """The YAML body as a mapping. Errors name the line as the notebook shows it (the magic is line 1), quote
+    it, and say how to fix it; a key given twice is refused rather than silently overwritten."""
     import yaml
 
-    body: dict = {}
-    if cell and cell.strip():
-        try:
-            loaded = yaml.safe_load(cell)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise NbalignError(
-                f"{parser.prog}: the cell body is not valid YAML{where} ({getattr(exc, 'problem', exc)}).",
-                "write one `key: value` per line, e.g. `epochs: 3`; quote values that contain ': ' or '#'.",
-            ) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise NbalignError(
-                f"{parser.prog}: the cell body must be `key: value` lines, got {type(loaded).__name__}.",
-                "write one option per line, e.g. `epochs: 3`.",
-            )
-        body = {str(k).replace("-", "_"): v for k, v in (loaded or {}).items()}
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node):
+        keys = [loader.construct_object(k) for k, _ in node.value]
+        twice = next((i for i, k in enumerate(keys) if k in keys[:i]), None)
+        if twice is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key '{keys[twice]}' is given twice", node.value[twice][0].start_mark)
+        return loader.construct_mapping(node)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    lines = cell.splitlines()
+    try:
+        loaded = yaml.load(cell, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        # Where the broken construct began (an unclosed bracket, a key without ':') is what the user must fix;
+        # the scanner's own position can be the end of the cell.
+        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
+        row = min(mark.line, len(lines) - 1) if mark is not None and lines else None
+        while row and ":" not in lines[row - 1] and lines[row - 1].strip() and not lines[row - 1].lstrip().startswith(
+                "#"):
+            row -= 1  # a plain line before runs on into this one: the line without ':' is the mistake
+            exc.problem = "could not find expected ':'"
+        where = f" at line {row + 2} of the cell, `{lines[row].strip()}`" if row is not None else ""
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        context = str(getattr(exc, "context", None) or "")
+        fix = "write one `key: value` per line, e.g. `epochs: 3`; quote values that contain ': ' or '#'."
+        for words, plain, better in YAML_PROBLEMS:
+            if words in problem or words in context:
+                problem, fix = plain or problem, better or fix
+                break
+        raise NbalignError(f"{prog}: the cell body is not valid YAML{where} ({problem}).", fix) from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise NbalignError(
+            f"{prog}: the cell body must be `key: value` lines, got {type(loaded).__name__}.",
+            "write one option per line, e.g. `epochs: 3`.",
+        )
+    return {str(k).replace("-", "_"): v for k, v in (loaded or {}).items()}
+
+
+def parse_cell(parser: _Parser, line: str, cell: str | None) -> tuple[dict, str | None]:
+    """Merge the YAML body with the line options (line wins); returns (values, output variable)."""
+    body = _read_body(parser.prog, cell) if cell and cell.strip() else {}
     try:
         args = parser.parse_args(shlex.split(line or ""))
     except ValueError as exc:  # shlex: unbalanced quotes
