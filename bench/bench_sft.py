@@ -54,7 +54,8 @@ def answer_nll(model, tokenizer, rows) -> tuple[float, int]:
     import torch
     import torch.nn.functional as F
 
-    from nbalign.data import to_conversations, tokenize_sft
+    from nbalign.data import to_conversations
+    from nbalign.tokens import tokenize_sft
 
     enc = tokenize_sft(to_conversations(rows), tokenizer, completion_only=True)
     was_training = model.training
@@ -135,7 +136,8 @@ def worker_nbalign(cfg: dict) -> dict:
     last_loss, last_loss_step = _last(logs, "loss")
     logged_tokens, logged_tokens_step = _last(logs, "num_tokens")
 
-    from nbalign.data import to_conversations, tokenize_sft
+    from nbalign.data import to_conversations
+    from nbalign.tokens import tokenize_sft
     from nbalign.models import load_tokenizer, resolve
 
     tokenizer = load_tokenizer(resolve("smollm2-135m"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,17 +54,20 @@ class EvalData:
         return out
 
 
-def eval_data(data: Any, general_text: Any = None, source: str = "held-out", limit: int = 32) -> EvalData:
+def eval_data(data: Any, general_text: Any = None, source: str = "held-out", limit: int = 32,
+              notes: bool = True) -> EvalData:
     """Held-out pairs or thumbs (any format %%dpo / %%kto accept), at most `limit` of them."""
     from .data import load_records
     from .preference_data import to_pairs, to_unpaired
 
     records = load_records(data, "evaluation data")[:limit]
     columns = {k for r in records for k in r}
-    if {"chosen", "rejected"} <= columns:
-        result = EvalData(pairs=to_pairs(records, "evaluation data"), source=source)
-    else:
-        result = EvalData(thumbs=to_unpaired(records, "evaluation data"), source=source)
+    # `notes=False`: the run already said how it read these rows (a published form) when it prepared them.
+    with contextlib.nullcontext() if notes else contextlib.redirect_stdout(io.StringIO()):
+        if {"chosen", "rejected"} <= columns:
+            result = EvalData(pairs=to_pairs(records, "evaluation data"), source=source)
+        else:
+            result = EvalData(thumbs=to_unpaired(records, "evaluation data"), source=source)
     result.general_text = general_texts(general_text)
     return result
 

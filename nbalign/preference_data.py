@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .data import SYNONYMS, load_records, rows_hint
+from .data import load_records, sft_form, standard, thumb, wrong_data
 from .errors import NbalignError
-from .text import as_messages, joined, prompt_text
+from .text import (RowProblem, after_prompt, as_messages, each_row, is_missing, joined, missing_cell, n_rows,
+                   prompt_text, rows_hint)
 
 
 PAIR_FORMAT = "`prompt` + `chosen` + `rejected` (or `chosen`/`rejected` conversations that share their prompt)"
@@ -19,15 +20,12 @@ PAIR_SYNONYMS = {
     "response": "completion", "answer": "completion", "output": "completion",
     "thumbs": "label", "thumbs_up": "label", "desirable": "label", "rating": "label", "score": "label",
 }
-_UP = {"true", "1", "yes", "up", "good", "desirable", "+", "+1", "👍", "thumbs up", "positive"}
-_DOWN = {"false", "0", "no", "down", "bad", "undesirable", "-", "-1", "👎", "thumbs down", "negative"}
+_NOT_THE_PROMPT = ("give `chosen`/`rejected` (or `completion`) as the answers alone, or drop the `prompt` column "
+                   "so that the turns both conversations share become the prompt.")
 
 
-def _pair_hint(columns: list[str], wanted: str) -> str:
-    mapping = {c: PAIR_SYNONYMS[c.lower()] for c in columns if c.lower() in PAIR_SYNONYMS}
-    if mapping:
-        return f"rename the columns, e.g. df.rename(columns={mapping!r}), or give {wanted}."
-    return f"give {wanted}."
+def _is_pairs(columns: set[str]) -> bool:
+    return {"chosen", "rejected"} <= columns
 
 
 def _split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
@@ -38,75 +36,77 @@ def _split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list
     return chosen[:k], chosen[k:], rejected[k:]
 
 
+def _answer(prompt: list[dict], answer: list[dict], i: int, what: str, column: str) -> tuple[list[dict], bool]:
+    """The answer after the prompt turns it repeats (and whether it repeated them); an answer that starts with
+    other turns than the prompt is ambiguous, so refused."""
+    rest = after_prompt(prompt, answer)
+    if rest is None:
+        raise RowProblem(i, what, f"{{has}} a `{column}` conversation that starts with a {answer[0]['role']} turn "
+                         "other than the `prompt`", _NOT_THE_PROMPT)
+    return rest, rest is not answer
+
+
+def _repeated_note(n: int, columns: str) -> None:
+    if n:
+        print(f"nbalign: the {columns} conversations of {n_rows(n)} repeat their `prompt` turns (UltraFeedback "
+              "form); read them as the answers alone.", flush=True)
+
+
 def to_pairs(records: list[dict], what: str = "data") -> list[dict]:
     """Normalise preference pairs to conversational {"prompt": [...], "chosen": [...], "rejected": [...]}.
     Empty or identical chosen/rejected answers are errors that name the rows."""
-    columns = sorted({k for r in records for k in r})
-    if not ({"chosen", "rejected"} <= set(columns)):
-        unpaired = {"completion", "label"} <= set(columns)
-        raise NbalignError(
-            f"The {what} has columns {columns}, but this method learns from pairs: {PAIR_FORMAT}."
-            + (" These look like unpaired thumbs, which %%kto learns from." if unpaired else ""),
-            "use %%kto for thumbs data." if unpaired else _pair_hint(columns, PAIR_FORMAT),
-        )
-    out, empty, same = [], [], []
-    for i, row in enumerate(records):
-        chosen = as_messages(row.get("chosen"), "assistant", i, what)
-        rejected = as_messages(row.get("rejected"), "assistant", i, what)
-        if "prompt" in row and row["prompt"] is not None:
-            prompt = as_messages(row["prompt"], "user", i, what)
-        elif isinstance(row.get("chosen"), list) or isinstance(row.get("chosen"), str) and row["chosen"].startswith("["):
-            prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
-            if not prompt:
-                raise NbalignError(
-                    f"Row {i} of the {what} has no `prompt` column and its chosen and rejected conversations "
-                    "share no leading turns, so the prompt cannot be found.",
-                    "add a `prompt` column.",
-                )
-        else:
-            raise NbalignError(
-                f"Row {i} of the {what} has no `prompt`.", f"give {PAIR_FORMAT}; the prompt is what both answer."
-            )
-        if not joined(chosen).strip() or not joined(rejected).strip():
-            empty.append(i)
-        elif joined(chosen).strip() == joined(rejected).strip():
-            same.append(i)
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    if empty:
-        raise NbalignError(
-            f"Rows {rows_hint(empty)} of the {what} have an empty chosen or rejected answer.",
-            "fill them in or drop them; a pair needs two answers to compare.",
-        )
-    if same:
-        raise NbalignError(
-            f"Rows {rows_hint(same)} of the {what} have identical chosen and rejected answers, which teach nothing and "
-            "only add noise.",
-            "drop them, e.g. df[df.chosen != df.rejected].",
-        )
-    return out
+    columns = {k for r in records for k in r}
+    if not _is_pairs(columns):
+        raise wrong_data(columns, what, "%%dpo or %%reward_model", PAIR_FORMAT, _is_pairs, PAIR_SYNONYMS)
+    rows = each_row(standard(records, what), what, lambda i, row: _pair(i, row, what))
+    _repeated_note(sum(repeated for _, repeated in rows), "`chosen`/`rejected`")
+    return [row for row, _ in rows]
+
+
+def _pair(i: int, row: dict, what: str) -> tuple[dict, bool]:
+    for column in ("chosen", "rejected"):
+        if column not in row:
+            raise missing_cell(i, what, column, absent=True)
+    chosen = as_messages(row["chosen"], "assistant", i, what, "chosen")
+    rejected = as_messages(row["rejected"], "assistant", i, what, "rejected")
+    repeated = False
+    if "prompt" in row and not is_missing(row["prompt"]):
+        prompt = as_messages(row["prompt"], "user", i, what, "prompt")
+        (chosen, repeated), (rejected, _) = (_answer(prompt, chosen, i, what, "chosen"),
+                                             _answer(prompt, rejected, i, what, "rejected"))
+    elif chosen[0]["role"] != "assistant":  # whole conversations: the turns they share are the prompt
+        prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
+        if not prompt:
+            raise RowProblem(i, what, "{has} chosen and rejected conversations that share no leading turns, and no "
+                             "`prompt`, so the prompt cannot be found", "add a `prompt` column.")
+    elif "prompt" in row:
+        raise missing_cell(i, what, "prompt")
+    else:
+        raise RowProblem(i, what, "{has} no `prompt`", f"give {PAIR_FORMAT}; the prompt is what both answer.")
+    if not joined(chosen).strip() or not joined(rejected).strip():
+        raise RowProblem(i, what, "{has} an empty chosen or rejected answer",
+                         "fill them in or drop them; a pair needs two answers to compare.")
+    if joined(chosen).strip() == joined(rejected).strip():
+        raise RowProblem(i, what, "{has} identical chosen and rejected answers, which teach nothing and only add "
+                         "noise", "drop them, e.g. df[df.chosen != df.rejected].")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, repeated
 
 
 def parse_label(value: Any, i: int, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1, -1):
-        return value == 1
-    text = str(value).strip().lower()
-    if text in _UP:
-        return True
-    if text in _DOWN:
-        return False
-    raise NbalignError(
-        f"Row {i} of the {what} has label {value!r}, which is neither thumbs up nor thumbs down.",
-        "use true/false (or 1/0, up/down).",
-    )
+    if is_missing(value):
+        raise missing_cell(i, what, "label")
+    up = thumb(value)
+    if up is None:
+        raise RowProblem(i, what, f"{{has}} label {value!r}, which is neither thumbs up nor thumbs down",
+                         "use true/false (or 1/0, up/down).")
+    return up
 
 
 def to_unpaired(records: list[dict], what: str = "data", unpair: bool = False) -> list[dict]:
     """Normalise thumbs data to conversational {"prompt", "completion", "label"}. With `unpair`, pairs become
     two rows each: the chosen answer labelled up, the rejected one down."""
-    columns = sorted({k for r in records for k in r})
-    if {"chosen", "rejected"} <= set(columns):
+    columns = {k for r in records for k in r}
+    if _is_pairs(columns):
         if not unpair:
             raise NbalignError(
                 f"The {what} holds preference pairs ({PAIR_FORMAT}), but %%kto learns from unpaired thumbs.",
@@ -117,21 +117,28 @@ def to_unpaired(records: list[dict], what: str = "data", unpair: bool = False) -
             out.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
             out.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
         return out
-    if not {"prompt", "completion", "label"} <= set(columns):
-        raise NbalignError(
-            f"The {what} has columns {columns}, but %%kto needs {UNPAIRED_FORMAT}.",
-            _pair_hint(columns, UNPAIRED_FORMAT),
-        )
-    out, empty = [], []
-    for i, row in enumerate(records):
-        prompt = as_messages(row["prompt"], "user", i, what)
-        completion = as_messages(row["completion"], "assistant", i, what)
-        if not joined(completion).strip():
-            empty.append(i)
-        out.append({"prompt": prompt, "completion": completion, "label": parse_label(row["label"], i, what)})
-    if empty:
-        raise NbalignError(f"Rows {rows_hint(empty)} of the {what} have an empty completion.", "fill them in or drop them.")
-    return out
+
+    def fits(names: set[str]) -> bool:
+        return {"prompt", "completion", "label"} <= names
+
+    if not fits(columns):
+        raise wrong_data(columns, what, "%%kto", UNPAIRED_FORMAT, fits, PAIR_SYNONYMS)
+    rows = each_row(records, what, lambda i, row: _thumb(i, row, what))
+    _repeated_note(sum(repeated for _, repeated in rows), "`completion`")
+    return [row for row, _ in rows]
+
+
+def _thumb(i: int, row: dict, what: str) -> tuple[dict, bool]:
+    for column in ("prompt", "completion", "label"):
+        if column not in row:
+            raise missing_cell(i, what, column, absent=True)
+    prompt = as_messages(row["prompt"], "user", i, what, "prompt")
+    completion, repeated = _answer(prompt, as_messages(row["completion"], "assistant", i, what, "completion"),
+                                   i, what, "completion")
+    label = parse_label(row["label"], i, what)
+    if not joined(completion).strip():
+        raise RowProblem(i, what, "{has} an empty completion", "fill them in or drop them.")
+    return {"prompt": prompt, "completion": completion, "label": label}, repeated
 
 
 def prompt_lengths(rows: list[dict], tokenizer) -> list[int]:
@@ -154,30 +161,42 @@ def check_prompt_lengths(rows: list[dict], tokenizer, max_length: int, what: str
 PROMPT_FORMAT = "a list of prompt strings, or rows with a `prompt` column (text or a message list)"
 
 
+def _has_prompts(columns: set[str]) -> bool:
+    return bool("prompt" in columns or sft_form(columns) or _is_pairs(columns))
+
+
 def to_prompts(data: Any, what: str = "prompts") -> list[dict]:
     """Rows {"prompt": [...messages], **other columns}: from a list of strings, or rows with `prompt` (text or
-    messages), or `messages` conversations (everything before the last assistant turn is the prompt)."""
-    if isinstance(data, (list, tuple)) and data and all(isinstance(x, str) for x in data):
+    messages), `messages` conversations (everything before the last assistant turn is the prompt), pairs without
+    a `prompt` (the turns both answers share), or the published forms data.standard reads."""
+    if isinstance(data, (list, tuple)) and any(isinstance(x, str) for x in data) and all(
+            isinstance(x, str) or is_missing(x) for x in data):
         data = [{"prompt": x} for x in data]
     records = load_records(data, what)
-    out = []
-    for i, row in enumerate(records):
-        if "prompt" in row:
-            prompt = as_messages(row["prompt"], "user", i, what)
-        elif "messages" in row:
-            messages = as_messages(row["messages"], "user", i, what)
-            while messages and messages[-1]["role"] == "assistant":
-                messages = messages[:-1]
-            prompt = messages
-        else:
-            columns = sorted({k for r in records for k in r})
-            renames = {c: "prompt" for c in columns if SYNONYMS.get(c.lower()) == "prompt"}
-            raise NbalignError(
-                f"The {what} have columns {columns}, but %%rlhf needs {PROMPT_FORMAT}.",
-                f"rename the column, e.g. df.rename(columns={renames!r})." if renames else f"give {PROMPT_FORMAT}.",
-            )
-        if not prompt or not joined(prompt).strip():
-            raise NbalignError(f"Row {i} of the {what} has an empty prompt.", "fill it in or drop it.")
-        extra = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
-        out.append({"prompt": prompt, **extra})
-    return out
+    columns = {k for r in records for k in r}
+    if not _has_prompts(columns):
+        raise wrong_data(columns, what, "%%rlhf", PROMPT_FORMAT, _has_prompts)
+    rows = standard(records, what)
+    # Other columns go to the reward functions as the user named them, before any mapping.
+    return each_row(rows, what, lambda i, row: {"prompt": _prompt(i, row, what), **_extra(records[i])})
+
+
+def _extra(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("prompt", "messages", "conversations")}
+
+
+def _prompt(i: int, row: dict, what: str) -> list[dict]:
+    if "prompt" in row:
+        prompt = as_messages(row["prompt"], "user", i, what, "prompt")
+    elif "messages" in row:
+        prompt = as_messages(row["messages"], "user", i, what, "messages")
+        while prompt and prompt[-1]["role"] == "assistant":
+            prompt = prompt[:-1]
+    elif _is_pairs(set(row)):
+        prompt, _, _ = _split_shared_prompt(as_messages(row["chosen"], "assistant", i, what, "chosen"),
+                                            as_messages(row["rejected"], "assistant", i, what, "rejected"))
+    else:
+        raise missing_cell(i, what, "prompt", absent=True)
+    if not prompt or not joined(prompt).strip():
+        raise RowProblem(i, what, "{has} an empty prompt", "fill them in or drop them.")
+    return prompt

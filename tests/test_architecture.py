@@ -14,7 +14,7 @@ LAYERS = {
     "errors": 0, "version": 0,
     "specs": 1, "preference_specs": 1, "text": 1,
     # the engine
-    "runfolder": 2, "devices": 2, "models": 2, "data": 2, "preference_data": 2, "scoring": 2, "generation": 2,
+    "runfolder": 2, "devices": 2, "models": 2, "data": 2, "preference_data": 2, "scoring": 2, "tokens": 2, "generation": 2,
     "evaluation": 2, "results": 2, "callbacks": 2, "plots": 2, "examples": 2,
     "runs": 3,
     "methods": 4, "methods.base": 4, "methods.config": 4, "methods.sft": 4, "methods.preference": 4,

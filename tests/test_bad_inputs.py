@@ -41,7 +41,7 @@ COMMON = [
 ]
 SPECIFIC = [
     ("sft", {"data": [{"prompt": "word " * 200, "completion": "ok"}], "max_length": 64},
-     "%%sft: the prompts of rows 0 of the training data take up to"),
+     "%%sft: the prompt of row 0 takes 2\\d\\d tokens of the training data, which leaves no room"),
     ("dpo", {"loss": {"sigmoid": -1.0}}, "negative"),
     ("dpo", {"loss": {"sigmoid": 0, "ipo": 0}}, "every loss weight is 0"),
     ("dpo", {"loss_type": ["ipo"]}, "'loss_type' is a TRL field that nbalign sets from `loss`"),

@@ -60,10 +60,10 @@ class PreferenceMethod(base.Method):
         if not spec.watch:
             return []
         if plan.state["eval_records"] is not None:
-            data = eval_data(plan.state["eval_records"], spec.general_text, source="held-out", limit=32)
+            data = eval_data(plan.state["eval_records"], spec.general_text, source="held-out", limit=32, notes=False)
         else:  # no held-out data: watch a sample of the training rows, and say so
             data = eval_data(plan.state["train_records"], spec.general_text,
-                             source="training (no eval_data given)", limit=16)
+                             source="training (no eval_data given)", limit=16, notes=False)
         plan.state["watch"] = AlignmentWatch(data, plan.tokenizer, self.beta(spec), spec.eval_points,
                                              spec.eval_max_new_tokens, folder=plan.out)
         return [plan.state["watch"]]

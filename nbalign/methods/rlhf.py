@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..data import rows_hint
+from ..text import rows_hint
 from ..errors import NbalignError
 from ..preference_data import prompt_lengths, to_prompts
 from ..runs import Run

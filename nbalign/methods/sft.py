@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..data import check_sft_lengths, load_records, to_conversations, tokenize_sft
+from ..data import load_records, to_conversations
+from ..tokens import check_sft_lengths, tokenize_sft
 from ..specs import SFTSpec
 from . import base
 
