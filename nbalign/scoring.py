@@ -77,11 +77,8 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8) -> float
         ids, attention, target = encode_tails(tokenizer, [bos] * len(chunk), chunk)
         logp = forward_logprobs(model, ids, attention)
         labels = ids[:, 1:].to(logp.device)
+        # Without a BOS the first text token has no context; the shift by one already leaves it out.
         mask = target[:, 1:].to(logp.device).float()
-        # The first text token has no context when there is no BOS: leave it out.
-        if not bos:
-            first = mask.cumsum(-1) == 1
-            mask = mask * (~first).float()
         picked = torch.gather(logp, 2, labels.unsqueeze(-1)).squeeze(-1)
         total -= float((picked * mask).sum())
         count += int(mask.sum())

@@ -75,3 +75,12 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     """Run the test from an empty folder, so runs/ lands there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def kernel_name(tmp_path_factory):
+    """The `python3` kernel spec; installed into a private Jupyter path when the environment lacks one."""
+    from helpers import python3_kernel
+
+    with pytest.MonkeyPatch.context() as mp:
+        yield python3_kernel(tmp_path_factory.mktemp("jupyter"), mp)

@@ -2,10 +2,9 @@
 
 import json
 import os
-import signal
 
 import pytest
-from helpers import chats, live_models
+from helpers import chats, interrupt_at, live_models, moved_weights
 
 import nbalign
 from nbalign.errors import NbalignError
@@ -89,7 +88,15 @@ def test_dora_full_and_qlora_train_and_save(tiny_model, in_tmp, adapter, saved):
     if saved == "adapter":
         peft_config = json.loads((in_tmp / "runs/a/adapter/adapter_config.json").read_text())
         assert peft_config["use_dora"] == (adapter.get("type") == "dora") and peft_config["r"] == 4
-    assert isinstance(run.generate("Say the number 3.", max_new_tokens=4), str)
+    # 8 chats at batch 4, one epoch = 2 steps, and they trained: LoRA's B matrices start at zero and moved;
+    # full fine-tuning moved the attention weights of the base.
+    assert run.summary["steps"] == 2
+    moved = moved_weights(tiny_model, in_tmp / "runs/a" / saved)
+    if saved == "adapter":
+        assert len(moved) == 14, moved  # every lora_B of 2 layers x 7 linear modules (all-linear)
+    else:
+        assert "model.layers.0.self_attn.q_proj.weight" in moved, moved
+    run.generate("Say the number 3.", max_new_tokens=4)  # generating from the saved weights works
 
 
 def test_qlora_report_shrinks_base_memory_and_matches_the_loaded_model(tiny_model):
@@ -131,26 +138,9 @@ def test_a_run_folder_continues_from_its_adapter(tiny_model, in_tmp):
         nbalign.sft(chats(4), model="runs/one", out="runs/three")
 
 
-def _interrupt_at(monkeypatch, step: int, times: int = 1):
-    """Send SIGINT to ourselves (what a kernel interrupt does) once, when training logs `step`."""
-    from nbalign.callbacks import MetricsWriter
-
-    original = MetricsWriter.on_log
-    fired = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        original(self, args, state, control, logs=logs, **kwargs)
-        if state.global_step == step and "loss" in (logs or {}) and not fired:
-            fired.append(step)
-            for _ in range(times):
-                os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(MetricsWriter, "on_log", on_log)
-
-
 def test_interrupt_saves_then_resume_finishes_the_same_run(tiny_model, in_tmp, monkeypatch):
     data = chats(16)
-    _interrupt_at(monkeypatch, step=3)
+    interrupt_at(monkeypatch, step=3)
     run = nbalign.sft(data, model=tiny_model, out="runs/i", epochs=2, batch_size=4)
     assert run.status == "interrupted" and "--resume" in run.message
     assert (in_tmp / "runs/i/adapter/adapter_model.safetensors").exists()
@@ -172,7 +162,7 @@ def test_interrupt_saves_then_resume_finishes_the_same_run(tiny_model, in_tmp, m
 
 
 def test_second_interrupt_stops_at_once_and_still_saves(tiny_model, in_tmp, monkeypatch):
-    _interrupt_at(monkeypatch, step=2, times=2)
+    interrupt_at(monkeypatch, step=2, times=2)
     run = nbalign.sft(chats(16), model=tiny_model, out="runs/h", epochs=2, batch_size=4)
     assert run.status == "interrupted" and "before any checkpoint; start again with --overwrite" in run.message
     assert (in_tmp / "runs/h/adapter/adapter_config.json").exists()

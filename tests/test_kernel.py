@@ -11,7 +11,6 @@ import pytest
 from helpers import chats
 
 
-
 @pytest.fixture
 def kernel(tmp_path):
     from jupyter_client.manager import KernelManager
@@ -64,8 +63,10 @@ def test_magics_train_and_generate_in_a_real_kernel(kernel, tiny_model):
     html = [d.get("text/html", "") for d in out["data"]]
     assert any("<progress" in h for h in html) and any("image/png" in d for d in out["data"])
     assert "nbalign sft run" in html[-1] and "finished" in html[-1]
-    out = execute(client, "print(run.status, type(run.generate('Say the number 3.', max_new_tokens=3)).__name__)")
-    assert out["text"].strip() == "finished str"
+    # `-o run` bound the Run in the kernel: 16 chats at batch 8, one epoch = 2 steps; it generates.
+    out = execute(client, "answer = run.generate('Say the number 3.', max_new_tokens=3)\n"
+                          "print(run.status, run.summary['steps'], len(run.metrics.dropna(subset=['loss'])))")
+    assert out["error"] is None and out["text"].strip() == "finished 2 2", out["text"]
     out = execute(client, "%nbalign runs")
     assert "runs/k" in str(out["data"])
     # A mistake is one paragraph, no traceback wall, and nothing is written.
@@ -101,7 +102,7 @@ def test_kernel_interrupt_stops_training_cleanly_and_resume_finishes(kernel, tin
     assert error is None, error  # no KeyboardInterrupt traceback: the run stopped and saved
     assert "interrupt received" in text and "re-run the cell with --resume" in text
     status = json.loads((folder / "runs/long/status.json").read_text())
-    assert status["status"] == "interrupted" and status["summary"]["steps"] < 8
+    assert status["status"] == "interrupted" and status["summary"]["steps"] < 8  # 16 chats at batch 8 x 4 epochs
     assert (folder / "runs/long/adapter/adapter_config.json").exists()
     # The kernel is alive and holds no model.
     out = execute(client, "import gc, warnings; warnings.simplefilter('ignore'); "

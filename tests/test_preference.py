@@ -2,9 +2,10 @@
 class balancing happens and is said, the evaluation measures what it claims."""
 
 import json
+import math
 
 import pytest
-from helpers import live_models
+from helpers import interrupt_at, live_models, logged, moved_weights
 
 import nbalign
 from nbalign import NbalignError
@@ -19,15 +20,27 @@ ALL_DPO_LOSSES = [
 ]
 
 
+# The loss of a reference-based DPO loss at a zero margin, which it has at step 1, while the policy is its
+# reference (beta 0.1; no SFT term, sft_weight 0): sigmoid -log(sigmoid(0)) = ln 2; IPO (0 - 1 / (2 beta))^2 = 25;
+# hinge max(0, 1 - 0) = 1; robust with no label smoothing = sigmoid.
+AT_ZERO_MARGIN = {"sigmoid": math.log(2), "ipo": 25.0, "hinge": 1.0, "robust": math.log(2)}
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"])
 def test_each_named_loss_trains_a_few_steps(in_tmp, tiny_model, loss):
     # One of them also runs TRL's own evaluation (what held-out data feeds when the watch is off).
     held_out = {"eval_data": style_pairs("heldout")[:4]} if loss == "sigmoid" else {}
-    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out=f"runs/{loss}", loss=loss, **held_out, **FAST)
+    alone = {"sft_weight": 0} if loss in AT_ZERO_MARGIN else {}  # the named loss alone, to check its value
+    run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out=f"runs/{loss}", loss=loss, **held_out, **alone, **FAST)
     assert run.status == "finished" and run.summary["steps"] == 2
-    losses = [r["loss"] for r in run.metrics.to_dict("records") if r.get("loss") == r.get("loss") and "loss" in r]
-    assert losses and all(abs(v) < 1e4 for v in losses)
-    assert (run.path / "adapter" / "adapter_model.safetensors").is_file()
+    rows = logged(run, "loss")
+    assert [r["step"] for r in rows] == [1, 2]  # 8 pairs at batch 4, max_steps 2: a loss at each step
+    if loss in AT_ZERO_MARGIN:
+        assert rows[0]["rewards/margins"] == 0.0  # the reference is the policy with its adapter off
+        assert rows[0]["loss"] == pytest.approx(AT_ZERO_MARGIN[loss], rel=1e-4), rows[0]
+    assert all(math.isfinite(r["loss"]) for r in rows), rows
+    # The adapter learnt: every LoRA B matrix (zero at init) of 2 layers x 7 linear modules moved.
+    assert len(moved_weights(tiny_model, run.path / "adapter")) == 14
     assert live_models() == 0
 
 
@@ -79,9 +92,12 @@ def test_the_evaluation_is_shown_saved_and_summarised(in_tmp, tiny_model, capsys
     assert saved["before"]["accuracy"] == 0.5 and saved["before"]["kl"] == 0.0
     assert saved["after"]["kl"] > 0  # the adapter moved the policy away from the reference
     assert len(saved["examples"]) == 4
+    # The run's summary carries the saved evaluation's numbers (to 4 decimals), after and before.
     summary = run.summary
-    for key in ("accuracy", "accuracy_before", "margin", "kl", "length", "length_before", "perplexity"):
-        assert key in summary
+    for key in ("accuracy", "margin", "kl", "length", "perplexity"):
+        assert summary[key] == pytest.approx(saved["after"][key], abs=1e-4), key
+    for key in ("accuracy", "length"):
+        assert summary[f"{key}_before"] == pytest.approx(saved["before"][key], abs=1e-4), key
     # The curves: the watch logged at the start, once in between, and at the end.
     watched = [r for r in run.metrics.to_dict("records") if r.get("watch/accuracy") == r.get("watch/accuracy")
                and "watch/accuracy" in r]
@@ -92,9 +108,13 @@ def test_evaluate_a_run_from_python(in_tmp, tiny_model):
     run = nbalign.dpo(style_pairs()[:8], model=tiny_model, out="runs/ev", **{**FAST, "learning_rate": 5e-3})
     evaluation = nbalign.evaluate(str(run.path), style_pairs("heldout")[:4], general_text=["Some text here."],
                                   max_new_tokens=4)
-    assert evaluation.before["accuracy"] == 0.5
-    assert 0 <= evaluation.after["accuracy"] <= 1 and evaluation.after["kl"] > 0
-    assert evaluation.after["perplexity"] > 1
+    assert evaluation.before["accuracy"] == 0.5 and evaluation.before["margin"] == 0.0  # the reference: all ties
+    # Two steps at 5e-3 with the SFT term: the held-out chosen answers became likelier, and more so than the
+    # rejected ones (margin 0.17, chosen log-prob +0.08 per token, when written).
+    assert evaluation.after["margin"] > 0 and evaluation.after["chosen_logp_change"] > 0, evaluation.after
+    assert evaluation.after["kl"] > 0
+    # Perplexity is measured on the tuned model, not the reference (a random model: near the vocabulary size).
+    assert evaluation.after["perplexity"] != pytest.approx(evaluation.before["perplexity"], rel=1e-6)
     assert "preference accuracy" in repr(evaluation) and "<table>" in evaluation._repr_html_()
     assert live_models() == 0
     with pytest.raises(NbalignError, match="reference"):
@@ -171,14 +191,12 @@ def test_dpo_spec_errors_name_the_fix():
 
 
 def test_an_interrupted_dpo_run_resumes_and_still_shows_its_evaluation(in_tmp, tiny_model, monkeypatch):
-    from test_engine import _interrupt_at
-
     from nbalign.callbacks import MetricsWriter
 
     original = MetricsWriter.on_log
     data = style_pairs()[:8]
     options = {**WATCHED, "max_steps": 4, "learning_rate": 5e-3}
-    _interrupt_at(monkeypatch, step=2)
+    interrupt_at(monkeypatch, step=2)
     run = nbalign.dpo(data, model=tiny_model, out="runs/i", **options)
     assert run.status == "interrupted" and not (run.path / "evaluation.json").exists()
     monkeypatch.setattr(MetricsWriter, "on_log", original)

@@ -4,7 +4,7 @@ rewards or a reward model run, clear errors for bad rewards; and (slow) real lea
 import json
 
 import pytest
-from helpers import live_models
+from helpers import close, live_models, logged
 
 import nbalign
 from nbalign import NbalignError
@@ -46,14 +46,16 @@ def test_reward_model_magic_trains_and_scores_like_trl(tiny_model, in_tmp, ip):
     adapter = json.loads((rm.path / "adapter" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
 
-    score = rm.score("What is 2 plus 2?", "Answer: 4.")
-    assert isinstance(score, float)
+    # One prompt and answer give one number; strings and message lists are the same input.
+    score, other = rm.score("What is 2 plus 2?", "Answer: 4."), rm.score("What is 2 plus 2?", "Four, I think.")
+    assert type(score) is float and score != pytest.approx(other, rel=1e-3)  # the head reads the answer
     as_messages = rm.score([{"role": "user", "content": "What is 2 plus 2?"}],
                            [{"role": "assistant", "content": "Answer: 4."}])
-    assert as_messages == pytest.approx(score)
-    many = rm.score("What is 2 plus 2?", ["Answer: 4.", "Four, I think."])
-    assert len(many) == 2 and all(isinstance(s, float) for s in many) and many[0] == pytest.approx(score)
-    assert rm.score(["Q1?", "Q2?"], ["A1.", "A2."]) == pytest.approx([rm.score("Q1?", "A1."), rm.score("Q2?", "A2.")])
+    assert as_messages == close(score)
+    # Several answers are scored in one padded batch, and agree with one at a time (to 1e-4: padding changes
+    # float sums on some CPUs).
+    assert rm.score("What is 2 plus 2?", ["Answer: 4.", "Four, I think."]) == close([score, other])
+    assert rm.score(["Q1?", "Q2?"], ["A1.", "A2."]) == close([rm.score("Q1?", "A1."), rm.score("Q2?", "A2.")])
 
     # The reloaded model scores exactly as the in-memory one did at the end of training.
     evaluation = json.loads((rm.path / "evaluation.json").read_text())
@@ -88,10 +90,10 @@ def test_reward_model_without_eval_data_reports_training_pairs_as_such(tiny_mode
 def test_rlhf_trains_with_a_python_reward_and_logs_every_step(tiny_model, in_tmp, monkeypatch, algorithm):
     from nbalign.methods.rlhf import RLHF
 
-    seen = {}
+    calls = []
 
     def brevity(prompts, completions, topic):  # no **kwargs: nbalign passes only what it declares
-        seen.update(prompts=prompts, completions=completions, topic=topic)
+        calls.append({"prompts": prompts, "completions": completions, "topic": topic})
         return [-len(c) / 10 for c in completions]
 
     reference = {}
@@ -108,18 +110,29 @@ def test_rlhf_trains_with_a_python_reward_and_logs_every_step(tiny_model, in_tmp
     run = nbalign.rlhf(data, reward=brevity, model=tiny_model, out="runs/rl", algorithm=algorithm, **FAST_RL)
 
     assert run.status == "finished" and run.summary["steps"] == 2 and live_models() == 0
-    # Plain strings for a plain function; the extra column arrives by name.
-    assert all(isinstance(c, str) for c in seen["completions"]) and len(seen["completions"]) == 8
-    assert set(seen["prompts"]) <= set(PROMPTS) and seen["topic"] == ["sums"] * 8
-    # Reward, KL and answer length are logged at every step, for the live curve.
-    steps = [r for r in run.metrics.to_dict("records") if r.get("reward") == r.get("reward") and "reward" in r]
+    # One call per step: batch 8 = 2 prompts x 4 generations. Plain strings for a plain function (so len()
+    # counts characters); the extra column arrives by name.
+    assert len(calls) == 2
+    for call in calls:
+        assert len(call["completions"]) == 8 and all(isinstance(c, str) for c in call["completions"])
+        assert set(call["prompts"]) <= set(PROMPTS) and call["topic"] == ["sums"] * 8
+    # Reward, KL and answer length are logged at every step, for the live curve; the logged reward is the mean
+    # of what the function returned at that step (its only reward, weight 1).
+    steps = logged(run, "reward")
     assert [r["step"] for r in steps] == [1, 2]
-    assert all({"reward", "kl", "completions/mean_length", "rewards/brevity/mean"} <= set(r) for r in steps)
-    assert {"reward_first", "reward_last", "kl_final", "length_first", "length_last"} <= set(run.summary)
+    for row, call in zip(steps, calls):
+        returned = sum(-len(c) / 10 for c in call["completions"]) / 8
+        assert row["rewards/brevity/mean"] == close(returned) and row["reward"] == close(returned)
+        assert row["completions/mean_length"] <= 8 and "kl" in row  # at most max_completion_length tokens
+    assert run.summary["reward_first"] == pytest.approx(steps[0]["reward"], abs=1e-4)  # 2 steps: the first
+    assert run.summary["reward_last"] == pytest.approx(steps[1]["reward"], abs=1e-4)  # and the last
+    assert {"kl_final", "length_first", "length_last"} <= set(run.summary)
     # The evaluation at the start and the end: answers to the prompts, their length, KL, perplexity.
     evaluation = run.evaluation
-    assert evaluation.before["kl"] == 0.0 and evaluation.after["kl"] >= 0
-    assert {"length", "perplexity"} <= set(evaluation.after) and len(evaluation.examples()) == 4
+    assert evaluation.before["kl"] == 0.0 and len(evaluation.examples()) == 4
+    # The end is measured on the trained policy: its perplexity moved (a random model: near the vocabulary size).
+    assert evaluation.after["perplexity"] != pytest.approx(evaluation.before["perplexity"], rel=1e-6)
+    assert "length" in evaluation.after
     assert {"length", "length_before", "perplexity", "perplexity_before"} <= set(run.summary)
     config = run.spec["trl_config"]
     assert config["beta"] == 0.05 and config["num_generations"] == 4 and config["logging_steps"] == 1
