@@ -51,20 +51,21 @@ class AdapterReport:
 
 
 def lora(
-    r: int = 16,
+    r: int | None = None,
     alpha: int | None = None,
-    dropout: float = 0.05,
-    target_modules: Any = "all-linear",
+    dropout: float | None = None,
+    target_modules: Any = None,
     quantize: str | None = None,
-    type: str = "lora",
+    type: str | None = None,
     model: str = BUILTIN_MODEL,
 ) -> AdapterReport:
     """Set how later training cells update the weights (what `%%lora` does), and report what it costs on
     `model`: trainable parameters, their share, and the memory the base weights take. The report is
-    computed on the meta device (no weights are read), so it is instant."""
-    spec = AdapterSpec.from_dict(
-        {"type": type, "r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules, "quantize": quantize}
-    )
+    computed on the meta device (no weights are read), so it is instant. Unset arguments take AdapterSpec's
+    defaults (`%%lora --help` lists them)."""
+    given = {"type": type, "r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules,
+             "quantize": quantize}
+    spec = AdapterSpec.from_dict({k: v for k, v in given.items() if v is not None})
     report = adapter_report(spec, model)
     session.adapter = spec
     return report
@@ -107,11 +108,53 @@ def _base_bytes(skel, spec: AdapterSpec) -> int:
 
 
 def build_spec(method: str, values: dict) -> TrainSpec:
-    """The whole run as a spec: the values given, with the session's %%lora setting (changed by a `lora:`
-    override) written into it. Below this layer nothing reads the session."""
+    """The whole run as a spec: the values given (None: not given), with the session's %%lora setting
+    (changed by a `lora:` override) written into it. Below this layer nothing reads the session.
+
+    --resume continues the run as spec.json recorded it: the stored spec is the base, and a value the cell
+    gives must agree with it (the data is checked against the saved copy when the run is planned)."""
     spec_class = METHODS[method][0]
-    values = {**values, "lora": resolve_adapter(values.get("lora"), session.adapter)}
+    values = {k: v for k, v in values.items() if v is not None}
+    stored = runfolder.read_spec(values["out"]).get("spec") if values.get("resume") and values.get("out") else None
+    if stored:
+        return _resumed(spec_class, stored, values)
+    values["lora"] = resolve_adapter(values.get("lora"), session.adapter)
     return spec_class.from_dict(values, passthrough=True)
+
+
+DATA_FIELDS = ("data", "eval_data")
+
+
+def _resumed(spec_class, stored: dict, given: dict) -> TrainSpec:
+    from .methods.rewards import describe_reward, import_reward
+
+    base = {k: v for k, v in stored.items() if k not in DATA_FIELDS}
+    reward_changed = False
+    if "reward" in base:  # recorded by name: compare names, and load it again when the cell gives none
+        if "reward" in given:
+            mine = given["reward"]
+            reward_changed = base["reward"] != (
+                [describe_reward(r) for r in mine] if isinstance(mine, (list, tuple)) else describe_reward(mine))
+            base["reward"] = mine
+        else:
+            kept = base["reward"]
+            base["reward"] = [import_reward(r) for r in kept] if isinstance(kept, list) else import_reward(kept)
+    if "lora" in given:  # an override applies over the run's own adapter, as it did over the session's
+        given = {**given, "lora": resolve_adapter(given["lora"], AdapterSpec.from_dict(stored["lora"]))}
+    before = spec_class.from_dict({**base, "resume": True}, passthrough=True).to_dict()
+    after = spec_class.from_dict({**base, **{k: v for k, v in given.items() if k != "reward"}, "resume": True},
+                                 passthrough=True)
+    changed = sorted(k for k, v in after.to_dict().items()
+                     if k not in (*DATA_FIELDS, "resume", "overwrite", "out", "reward") and v != before[k])
+    changed += ["reward"] if reward_changed else []
+    if changed:
+        shown = ", ".join(k if k == "reward" else f"{k} ({before[k]!r} -> {after.to_dict()[k]!r})" for k in changed)
+        raise NbalignError(
+            f"--resume: {shown} differ{'s' if len(changed) == 1 else ''} from the run in '{given['out']}', which "
+            "continues with the settings it started with.",
+            "drop them from the cell to resume as it was, or start again with --overwrite.",
+        )
+    return after
 
 
 def run_spec(spec: TrainSpec):
@@ -122,29 +165,29 @@ def run_spec(spec: TrainSpec):
     return getattr(importlib.import_module(f".methods.{module}", __package__), function)(spec)
 
 
-def sft(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
+def sft(data: Any = None, model: str | None = None, out: str | None = None, **options) -> Run:
     """Supervised fine-tuning (what `%%sft` does). `options` are SFTSpec fields or any TRL SFTConfig field."""
     return run_spec(build_spec("sft", {"data": data, "model": model, "out": out, **options}))
 
 
-def dpo(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
+def dpo(data: Any = None, model: str | None = None, out: str | None = None, **options) -> Run:
     """Preference optimisation from pairs (what `%%dpo` does): DPO and its loss family, or SimPO / ORPO.
     `options` are DPOSpec fields or any TRL DPOConfig (CPOConfig, ORPOConfig) field."""
     return run_spec(build_spec("dpo", {"data": data, "model": model, "out": out, **options}))
 
 
-def kto(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
+def kto(data: Any = None, model: str | None = None, out: str | None = None, **options) -> Run:
     """KTO from unpaired thumbs (what `%%kto` does). `options` are KTOSpec fields or any TRL KTOConfig field."""
     return run_spec(build_spec("kto", {"data": data, "model": model, "out": out, **options}))
 
 
-def reward_model(data: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options):
+def reward_model(data: Any = None, model: str | None = None, out: str | None = None, **options):
     """A Bradley-Terry reward model on pairs (what `%%reward_model` does). Returns a RewardModel run whose
     `score(prompt, response)` rates new answers."""
     return run_spec(build_spec("reward_model", {"data": data, "model": model, "out": out, **options}))
 
 
-def rlhf(data: Any = None, reward: Any = None, model: str = BUILTIN_MODEL, out: str | None = None, **options) -> Run:
+def rlhf(data: Any = None, reward: Any = None, model: str | None = None, out: str | None = None, **options) -> Run:
     """Online RL against a reward model run or Python reward functions (what `%%rlhf` does).
     `options` are RLHFSpec fields or any TRL GRPOConfig / RLOOConfig field."""
     return run_spec(build_spec("rlhf", {"data": data, "reward": reward, "model": model, "out": out, **options}))
@@ -154,6 +197,7 @@ def replay(path: str | Path, out: str | None = None, **changes):
     """The same run again from its spec.json alone (what `python -m nbalign run SPEC --out DIR` does): the
     same model, adapter, data (in-memory data was saved with the run), options and seed. `changes` override
     spec fields, e.g. a reward function defined in a notebook, which spec.json can only name."""
+    from .data import load_records
     from .methods.rewards import import_reward
 
     path = Path(path)
@@ -165,8 +209,14 @@ def replay(path: str | Path, out: str | None = None, **changes):
             "pass a run folder (its --out) or the spec.json inside it.",
         )
     values = dict(stored["spec"])
-    for name in ("data", "eval_data"):
-        values[name] = runfolder.stored_data(folder, values.get(name))
+    values["lora"] = values.get("lora") or stored.get("adapter")  # spec.json before the adapter moved into the spec
+    if "lora" in changes:
+        changes = {**changes, "lora": resolve_adapter(changes["lora"], AdapterSpec.from_dict(values["lora"] or {}))}
+    for name in DATA_FIELDS:
+        saved = runfolder.stored_data(folder, values.get(name))
+        # Saved rows are read now and given as data, so the new run keeps its own copy (and survives --overwrite
+        # of the folder they came from).
+        values[name] = load_records(saved, name.replace("_", " ")) if saved != values.get(name) else saved
         if isinstance(values[name], dict):
             raise NbalignError(
                 f"replay: the run in '{folder}' was trained on in-memory {name.replace('_', ' ')} that was not saved "

@@ -27,11 +27,11 @@ from typing import Any
 
 from . import runfolder
 from .errors import NbalignError
+from .preference_specs import DEFAULT_BETA
 from .results import Evaluation, RewardEvaluation
 from .scoring import accuracy_with_ties
 from .text import completion_text, joined
 
-# Metric name -> (label, format, which direction is "good" for the summary arrows)
 @dataclass
 class EvalData:
     """What the evaluation runs on: pairs or thumbs, their prompts, and general text."""
@@ -212,7 +212,7 @@ def evaluate(model: str, data: Any, reference: str | None = None, beta: float | 
     if spec.get("method") == "reward_model":
         return reward_accuracy(run, data)
     if beta is None:
-        beta = spec.get("trl_config", {}).get("beta") or 0.1
+        beta = spec.get("trl_config", {}).get("beta") or DEFAULT_BETA
     data_ = eval_data(data, general_text, limit=limit)
     with quiet():
         policy, ref_ctx, tokenizer, holder = _load_pair(model, run, spec, reference)

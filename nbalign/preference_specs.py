@@ -43,6 +43,9 @@ DPO_LOSSES = (
     "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
 )
 REFERENCE_FREE = ("simpo", "orpo")
+# beta when none is given: DPO's usual 0.1; SimPO's reward is a length-normalised log-prob, on another scale.
+DEFAULT_BETA = 0.1
+BETAS = {"simpo": 2.0}
 
 
 @dataclass
@@ -78,7 +81,7 @@ class DPOSpec(PreferenceSpec):
                 "cannot apply.",
                 "drop sft_weight (beta weighs orpo's odds-ratio term), or use `loss: simpo` or DPO with sft_weight.",
             )
-        if self.beta is not None and self.beta <= 0:
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
             raise NbalignError("%%dpo: 'beta' must be positive.", "use e.g. beta: 0.1.")
 
     def loss_weights(self) -> dict:
@@ -122,10 +125,11 @@ class DPOSpec(PreferenceSpec):
 
     @classmethod
     def help_values(cls) -> dict:
-        return {**super().help_values(), "beta": "0.1 (simpo: 2.0)"}
+        others = ", ".join(f"{loss}: {beta:g}" for loss, beta in BETAS.items())
+        return {**super().help_values(), "beta": f"{DEFAULT_BETA:g} ({others})"}
 
     def default_beta(self) -> float:
-        return 2.0 if self.reference_free == "simpo" else 0.1
+        return BETAS.get(self.reference_free, DEFAULT_BETA)
 
     @property
     def reference_free(self) -> str | None:
@@ -150,10 +154,11 @@ class KTOSpec(PreferenceSpec):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.beta <= 0:
+        if not (math.isfinite(self.beta) and self.beta > 0):
             raise NbalignError("%%kto: 'beta' must be positive.", "use e.g. beta: 0.1.")
         for name in ("desirable_weight", "undesirable_weight"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
                 raise NbalignError(f"%%kto: '{name}' must be positive.", "leave it unset to balance automatically.")
 
 

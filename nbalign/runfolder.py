@@ -12,8 +12,10 @@
 <run>/README.md            model card
 <run>/error.log            the traceback of a failed run
 ```
-Every write is atomic (a temporary file or folder renamed into place), and status.json is written last on
-success, so a crash never leaves a folder that claims to be finished or a half-written weights folder.
+spec.json, status.json, evaluation.json, the saved data and the weights are written atomically (a temporary
+file or folder renamed into place), and status.json is written last on success, so a crash never leaves a
+folder that claims to be finished or a half-written weights folder. metrics.jsonl is appended line by line
+(a line cut short is skipped when read); the card and error.log are plain writes of finished text.
 """
 
 from __future__ import annotations
@@ -141,13 +143,17 @@ def checkpoints_dir(path: Path) -> Path:
 
 def latest_checkpoint(path: Path) -> Path | None:
     folder = checkpoints_dir(path)
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and (p / "trainer_state.json").is_file()]
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and checkpoint_state_path(p).is_file()]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def checkpoint_step(checkpoint: Path) -> int:
-    state = _read_json(checkpoint / "trainer_state.json") or {}
-    return int(state.get("global_step") or 0)
+def checkpoint_state_path(checkpoint: Path) -> Path:
+    return Path(checkpoint) / "trainer_state.json"
+
+
+def checkpoint_state(checkpoint: Path) -> dict:
+    """The Trainer's state saved with a checkpoint (global_step, max_steps, log history)."""
+    return _read_json(checkpoint_state_path(checkpoint)) or {}
 
 
 def check_writable(out: Path) -> None:
@@ -230,11 +236,25 @@ def save_data(path: Path, name: str, records: list[dict]) -> str:
     target = Path(path) / DATA / f"{name}.jsonl"
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in records:
-            f.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
-    os.replace(tmp, target)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in records:
+                f.write(json.dumps(row, default=_plain, ensure_ascii=False) + "\n")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return f"{DATA}/{name}.jsonl"
+
+
+def _plain(value: Any) -> Any:
+    """Cells JSON cannot hold as they are, as the values they stand for: numpy arrays (Parquet's message
+    lists) and scalars, timestamps. Anything else as its text."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
 
 
 def metrics_path(path: Path) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,7 +192,7 @@ class AdapterSpec(Spec):
             )
         if self.r < 1:
             raise NbalignError(f"%%lora: 'r' must be at least 1, got {self.r}.", "use a rank such as 8 or 16.")
-        if self.alpha is not None and self.alpha <= 0:
+        if self.alpha is not None and not self.alpha > 0:
             raise NbalignError(f"%%lora: 'alpha' must be positive, got {self.alpha}.", "use e.g. alpha: 32.")
         if not 0 <= self.dropout < 1:
             raise NbalignError(f"%%lora: 'dropout' must be in [0, 1), got {self.dropout}.", "use e.g. 0.05.")
@@ -279,10 +280,6 @@ class TrainSpec(Spec):
         adapter, full = self.learning_rates
         return full if self.lora.type == "full" else adapter
 
-    @property
-    def adapter(self) -> AdapterSpec:
-        return self.lora
-
     @classmethod
     def from_dict(cls, values: dict | None, *, passthrough: bool = False):
         values = dict(values or {})
@@ -320,13 +317,13 @@ class TrainSpec(Spec):
                 f"%%{self.method}: no training data was given.",
                 "pass --data NAME (a notebook variable) or --data path/to/file.jsonl.",
             )
-        if self.epochs <= 0:
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
             raise NbalignError(f"%%{self.method}: 'epochs' must be positive, got {self.epochs}.", "use e.g. 3.")
         if self.batch_size < 1:
             raise NbalignError(f"%%{self.method}: 'batch_size' must be at least 1.", "use e.g. 8.")
         if self.max_length < 8:
             raise NbalignError(f"%%{self.method}: 'max_length' {self.max_length} is too small.", "use e.g. 1024.")
-        if self.learning_rate is not None and self.learning_rate <= 0:
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise NbalignError(f"%%{self.method}: 'learning_rate' must be positive.", "use e.g. 2.0e-4.")
         if not 0 <= self.seed < 2**32:
             raise NbalignError(

@@ -31,6 +31,8 @@ COMMON = [
     ({"out": "/proc/nbalign-test/run"}, "nbalign cannot write in '/proc'"),
     ({"seed": -1}, "'seed' must be a whole number from 0"),
     ({"epochs": 0}, "'epochs' must be positive"),
+    ({"epochs": float("nan")}, "'epochs' must be positive, got nan"),
+    ({"learning_rate": float("inf")}, "'learning_rate' must be positive"),
     ({"epochs": "2.0e-4x"}, r"'epochs' must be a float, got '2.0e-4x'.*`epochs: \d"),
     ({"learning_rate": -1e-4}, "'learning_rate' must be positive"),
     ({"num_train_epochs": 1, "epochs": 2}, "'num_train_epochs: 1' \\(a TRL field\\) and 'epochs: 2' disagree"),
@@ -49,6 +51,8 @@ SPECIFIC = [
     ("dpo", {"loss": "sigmod"}, "did you mean 'sigmoid'"),
     ("dpo", {"loss": "xyzzy"}, "pick from sigmoid, ipo"),
     ("kto", {"desirable_weight": -1}, "'desirable_weight' must be positive"),
+    ("kto", {"beta": float("nan")}, "'beta' must be positive"),
+    ("dpo", {"beta": float("nan")}, "'beta' must be positive"),
     ("rlhf", {"temperature": 0}, "'temperature' must be above 0"),
     ("rlhf", {"num_generations": 1}, "'num_generations' must be at least 2"),
 ]
@@ -161,3 +165,20 @@ def test_killed_during_the_final_save_resumes_without_training_past_the_end(tiny
     assert steps == [1, 2, 3]  # no step 4 of 3
     assert (resumed.path / "adapter" / "adapter_model.safetensors").is_file()
     assert not (resumed.path / ".adapter-partial").exists()
+
+
+def test_a_reward_that_scores_nothing_fails_the_run(tiny_model, in_tmp):
+    def abstains(completions, **kwargs):
+        return [None] * len(completions)  # TRL allows None for "cannot score"; all None teaches nothing
+
+    with pytest.raises(NbalignError, match="no step logged a finite reward, so the policy learnt nothing"):
+        _call("rlhf", tiny_model, reward=abstains, out="runs/none")
+    status = json.loads((in_tmp / "runs/none/status.json").read_text())
+    assert status["status"] == "failed" and "finite reward" in status["message"]
+
+
+def test_overwrite_refuses_to_empty_a_folder_the_run_reads(tiny_model, in_tmp):
+    nbalign.sft(chats(4), model=tiny_model, out="runs/x", max_steps=1)
+    with pytest.raises(NbalignError, match="--overwrite would empty 'runs/x', but this run reads '.*runs/x' from inside it"):
+        nbalign.sft(chats(4), model="runs/x", out="runs/x", max_steps=1, overwrite=True)
+    assert nbalign.Run("runs/x").status == "finished"

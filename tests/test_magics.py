@@ -148,7 +148,10 @@ def test_help_shows_each_default_from_its_one_definition(ip, capsys, magic):
     assert f"default {adapter:.0e} with an adapter, {full:.0e} for full fine-tuning".replace("e-0", "e-") in text
     assert "%%lora" in text
     if magic == "dpo":
-        assert "default 0.1 (simpo: 2.0)" in text
+        from nbalign.preference_specs import BETAS, DEFAULT_BETA
+
+        assert DEFAULT_BETA == 0.1 and BETAS == {"simpo": 2.0}  # and test_preference.py sees them in the runs
+        assert "default 0.1 (simpo: 2)" in text
 
 
 @pytest.fixture

@@ -69,3 +69,57 @@ def test_replay_refuses_what_is_not_a_run(in_tmp):
     (in_tmp / "empty").mkdir()
     with pytest.raises(NbalignError, match="holds no nbalign spec.json"):
         nbalign.replay("empty", out="runs/y")
+
+
+def test_resume_continues_the_run_as_it_started_whatever_the_session(tiny_model, in_tmp, monkeypatch):
+    """After a kernel restart the session's %%lora is the default again: --resume must still continue with the
+    adapter and settings the run started with, and refuse a cell that asks for others."""
+    from helpers import interrupt_at
+
+    from nbalign.callbacks import MetricsWriter
+
+    original = MetricsWriter.on_log
+    nbalign.lora(r=4, target_modules=["q_proj", "v_proj"], model=tiny_model)
+    interrupt_at(monkeypatch, step=2)
+    run = nbalign.sft(chats(16), model=tiny_model, out="runs/r", epochs=2, batch_size=4, learning_rate=1e-3)
+    assert run.status == "interrupted"
+    monkeypatch.setattr(MetricsWriter, "on_log", original)
+    nbalign.session.reset()
+    with pytest.raises(NbalignError, match=r"--resume: learning_rate \(0.001 -> 0.01\) differs"):
+        nbalign.sft(out="runs/r", model=tiny_model, learning_rate=1e-2, resume=True)
+    resumed = nbalign.sft(out="runs/r", resume=True)  # no data, no model, no settings: all from spec.json
+    assert resumed.status == "finished" and resumed.summary["steps"] == 8
+    spec = resumed.spec
+    assert spec["spec"]["lora"]["r"] == 4 and spec["spec"]["learning_rate"] == 1e-3
+    assert spec["trl_config"]["learning_rate"] == 1e-3 and spec["spec"]["model"] == tiny_model
+
+
+def test_replay_in_place_keeps_its_own_copy_of_the_data(tiny_model, in_tmp):
+    nbalign.sft(chats(8), model=tiny_model, out="runs/p", max_steps=2, batch_size=4)
+    nbalign.replay("runs/p", out="runs/p", overwrite=True)  # the folder it came from is emptied first
+    again = nbalign.replay("runs/p", out="runs/p2")
+    assert again.status == "finished" and (again.path / "data" / "data.jsonl").is_file()
+    assert again.spec["spec"]["data"]["rows"] == 8
+
+
+def test_parquet_message_lists_are_saved_as_lists_and_replay(tiny_model, in_tmp):
+    import pandas as pd
+
+    pd.DataFrame(chats(8)).to_parquet(in_tmp / "chats.parquet")
+    frame = pd.read_parquet(in_tmp / "chats.parquet")  # `messages` cells are numpy arrays of dicts
+    nbalign.sft(frame, model=tiny_model, out="runs/q", max_steps=1, batch_size=4)
+    saved = [json.loads(line) for line in (in_tmp / "runs/q/data/data.jsonl").read_text().splitlines()]
+    assert saved[3]["messages"] == chats(8)[3]["messages"]
+    assert nbalign.replay("runs/q", out="runs/q2").status == "finished"
+
+
+def test_a_partial_reward_is_not_replayed_without_its_arguments(tiny_model, in_tmp):
+    import functools
+
+    def scaled(completions, scale, **kwargs):
+        return [scale * len(c) for c in completions]
+
+    nbalign.rlhf(["Hi?", "Yes?"], reward=functools.partial(scaled, scale=-0.1), model=tiny_model, out="runs/rl",
+                 batch_size=4, num_generations=2, max_completion_length=4, max_steps=1)
+    with pytest.raises(NbalignError, match="functools.partial whose arguments spec.json does not hold"):
+        nbalign.replay("runs/rl", out="runs/rl2")

@@ -20,6 +20,7 @@ from ..errors import NbalignError
 from ..generation import CACHE
 from ..runs import Run
 from ..specs import AdapterSpec, TrainSpec, describe_data
+from .card import model_card
 from .config import checked_trl_fields, common_defaults, planned_steps, trl_config
 
 # Spec fields that may hold in-memory data: saved into the run folder, so spec.json replays.
@@ -127,13 +128,31 @@ def plan_run(method: Method, spec: TrainSpec) -> Plan:
     ref = resolve(spec.model)
     check_targets(skeleton(ref), spec.lora, spec.model)
     device = pick_device()
+    _check_overwrite(spec, out, ref)
     tokenizer = load_tokenizer(ref)
-    records = _in_memory_records(spec)
     prepared = method.prepare(spec, tokenizer)
+    records = _in_memory_records(spec)  # after prepare(), whose errors name the rows and the fix
     steps = method.planned_steps(spec, prepared.n_examples, extra)
     defaults = method.config_defaults(spec, device, steps, prepared)
     config = trl_config(config_class, spec, out, defaults, extra)
     return Plan(spec, out, ref, device, tokenizer, prepared, config, steps, records)
+
+
+def _check_overwrite(spec: TrainSpec, out: Path, ref) -> None:
+    """--overwrite empties --out first: refuse when this run reads something inside it."""
+    if not spec.overwrite or not out.exists():
+        return
+    inputs = [*ref.parents, *(getattr(spec, name) for name in DATA_FIELDS)]
+    reward = getattr(spec, "reward", None)
+    inputs += list(reward) if isinstance(reward, (list, tuple)) else [reward]
+    root = out.resolve()
+    for item in inputs:
+        if isinstance(item, (str, Path)) and Path(item).exists() and (
+                Path(item).resolve() == root or root in Path(item).resolve().parents):
+            raise NbalignError(
+                f"--overwrite would empty '{out}', but this run reads '{item}' from inside it.",
+                "pick another --out for the new run.",
+            )
 
 
 def _in_memory_records(spec: TrainSpec) -> dict:
@@ -286,12 +305,14 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
                 summary.update(method.finish(plan, trainer))
             except KeyboardInterrupt:
                 summary["evaluation"] = "skipped: interrupted"
+            except NbalignError:  # the method found the run itself failed (e.g. no finite reward): not the evaluation
+                raise
             except Exception as exc:  # noqa: BLE001 - the trained weights are saved; the evaluation is extra
                 summary["evaluation"] = f"failed: {type(exc).__name__}: {exc}"
                 runfolder.write_error_log(out, traceback.format_exc())
         outcome = "interrupted" if guard.requested else "finished"
         if outcome == "finished":
-            runfolder.write_card(out, _model_card(method, plan, summary))
+            runfolder.write_card(out, model_card(method.name, plan, summary, *method.card_usage(plan)))
         else:
             message = f"stopped by the user at step {trainer.state.global_step}; re-run the cell with --resume"
     except KeyboardInterrupt:
@@ -335,9 +356,7 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
 
 
 def _trained_to_the_end(checkpoint: Path) -> bool:
-    import json
-
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = runfolder.checkpoint_state(checkpoint)
     return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
 
 
@@ -345,8 +364,8 @@ def _restore(trainer, checkpoint: Path):
     """The trainer as it was at a checkpoint taken after the last step: its weights and logged history."""
     from transformers.trainer_callback import TrainerState
 
-    trainer._load_from_checkpoint(str(checkpoint))
-    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    trainer._load_from_checkpoint(str(checkpoint))  # what trainer.train(resume_from_checkpoint=...) loads first
+    trainer.state = TrainerState.load_from_json(str(runfolder.checkpoint_state_path(checkpoint)))
     return None
 
 
@@ -378,44 +397,3 @@ def _summary(trainer, result) -> dict:
         summary["tokens"] = int(tokens)
         summary["tokens_per_s"] = round(tokens / metrics["train_runtime"], 1)
     return {k: v for k, v in summary.items() if v is not None}
-
-
-def _model_card(method: Method, plan: Plan, summary: dict) -> str:
-    spec = plan.spec
-    data = runfolder.read_spec(plan.out).get("spec", {}).get("data")
-    lines = [
-        f"# {plan.out.name}",
-        "",
-        f"Trained with nbalign `%%{method.name}` from `{spec.model}` ({plan.adapter.describe()}).",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| method | {method.name} |",
-        f"| base model | {spec.model} |",
-        f"| adapter | {plan.adapter.describe()} |",
-        f"| data | {data if isinstance(data, str) else _describe(data)} ({plan.data.n_examples} examples) |",
-        f"| epochs | {spec.epochs:g} |",
-        f"| learning rate | {plan.config.learning_rate:g} |",
-        f"| batch size | {spec.batch_size} |",
-        f"| device | {plan.device} |",
-    ]
-    lines += [f"| {k} | {v} |" for k, v in summary.items()]
-    auto, notebook = method.card_usage(plan)
-    kw = ", num_labels=1" if auto == "AutoModelForSequenceClassification" else ""
-    weights = plan.out / (runfolder.MODEL if plan.adapter.type == "full" else runfolder.ADAPTER)
-    if plan.adapter.type == "full":
-        usage = f'model = {auto}.from_pretrained("{weights}")'
-    else:
-        usage = (
-            f'base = {auto}.from_pretrained("{plan.ref.base}"{kw})  # merged with parent runs, if any\n'
-            f'model = PeftModel.from_pretrained(base, "{weights}")'
-        )
-    lines += ["", "## Use", "", "```python", f"from transformers import {auto}",
-              "from peft import PeftModel", usage, "```", "", f"Or in a notebook: `{notebook}`.", ""]
-    return "\n".join(lines)
-
-
-def _describe(data: Any) -> str:
-    if isinstance(data, dict) and data.get("saved"):
-        return f"in-memory {data.get('in_memory')}, saved as {data['saved']}"
-    return str(data)

@@ -223,11 +223,13 @@ def describe_reward(item: Any) -> Any:
     if isinstance(item, (str, Path)):
         return str(item)
     if callable(item):
-        func = item
-        while isinstance(func, functools.partial):
-            func = func.func
-        return {"function": getattr(func, "__qualname__", getattr(func, "__name__", type(func).__name__)),
-                "module": getattr(func, "__module__", None)}
+        name = getattr(item, "__qualname__", None)
+        if isinstance(item, functools.partial) or name is None:
+            # Bound arguments or an object's state are not in a name: replay asks for the reward again.
+            inner = item.func if isinstance(item, functools.partial) else type(item)
+            return {"function": getattr(inner, "__name__", type(item).__name__), "module": None,
+                    "kind": "functools.partial" if isinstance(item, functools.partial) else "callable object"}
+        return {"function": name, "module": getattr(item, "__module__", None)}
     return item
 
 
@@ -242,10 +244,11 @@ def import_reward(entry: Any) -> Any:
             for part in name.split("."):
                 target = getattr(target, part)
             return target
-        except (ImportError, AttributeError):
+        except Exception:  # noqa: BLE001 - any failure to import it is reported below as one paragraph
             pass
+    where = ("a notebook" if module == "__main__" else f"'{module}', which does not import here" if module
+             else f"a {entry.get('kind', 'callable')} whose arguments spec.json does not hold")
     raise NbalignError(
-        f"The run's reward function {name} was defined in {'a notebook' if module == '__main__' else module}, "
-        "so it cannot be loaded again from spec.json.",
+        f"The run's reward function {name} was defined in {where}, so it cannot be loaded again from spec.json.",
         f"pass it again: nbalign.replay(path, out=..., reward={name.split('.')[-1]}) (or put it in a module).",
     )

@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..text import rows_hint
 from ..errors import NbalignError
 from ..preference_data import prompt_lengths, to_prompts
 from ..runs import Run
 from ..preference_specs import RLHFSpec
-from ..text import prompt_text
+from ..text import prompt_text, rows_hint
 from . import base
 from .rewards import WHERE, describe_reward, resolve_rewards
+
 # The logged curves (TRL 1.16 key names): mean reward, KL to the reference, mean answer length in tokens.
 REWARD_KEY, KL_KEY, LENGTH_KEY = "reward", "kl", "completions/mean_length"
 
@@ -151,7 +151,7 @@ class RLHF(base.Method):
         from .preference import watch_summary
 
         summary = rl_summary(trainer.state.log_history)
-        if summary.get("reward_first") is None and plan.spec.reward is not None:
+        if summary.get("reward_first") is None:
             raise NbalignError(
                 f"{WHERE}: no step logged a finite reward, so the policy learnt nothing.",
                 "check that the reward returns numbers for these answers (try it on a few answers first).",
