@@ -19,7 +19,12 @@ demo: $(STAMP)
 	$(PYTHON) -m nbalign demo
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q --durations=15
+	# The built-in model is converted once before the workers start: two would race to write its cache.
+	$(PYTHON) -c "from nbalign.models import builtin_model_dir; builtin_model_dir()"
+	# Two workers of one thread each: on 2 cores this does more work per second than one process with two
+	# threads (this model's small matrix multiplies scale poorly across threads), and the two long tails of
+	# the suite (real-model training, notebook kernels) overlap instead of queueing.
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n 2 --dist worksteal --durations=15
 
 test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -107,6 +107,9 @@ def _base_bytes(skel, spec: AdapterSpec) -> int:
     return int((total - quantized) * 4 + quantized * (0.5 + 1 / 64 + 4 / (64 * 256)))
 
 
+API_PARAMETERS = ("data", "model", "out", "reward", "lora")
+
+
 def build_spec(method: str, values: dict) -> TrainSpec:
     """The whole run as a spec: the values given (None: not given), with the session's %%lora setting
     (changed by a `lora:` override) written into it. Below this layer nothing reads the session.
@@ -114,7 +117,9 @@ def build_spec(method: str, values: dict) -> TrainSpec:
     --resume continues the run as spec.json recorded it: the stored spec is the base, and a value the cell
     gives must agree with it (the data is checked against the saved copy when the run is planned)."""
     spec_class = METHODS[method][0]
-    values = {k: v for k, v in values.items() if v is not None}
+    # The API's own parameters default to None for "not given"; other options keep an explicit None
+    # (e.g. `center_rewards=None` turns centring off).
+    values = {k: v for k, v in values.items() if v is not None or k not in API_PARAMETERS}
     stored = runfolder.read_spec(values["out"]).get("spec") if values.get("resume") and values.get("out") else None
     if stored:
         return _resumed(spec_class, stored, values)

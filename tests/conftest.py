@@ -24,6 +24,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+    # The long real-model tests first: with two workers (make test) they start at once and the short ones fill
+    # the gaps, instead of one long test starting last.
+    items.sort(key=lambda item: "slow" not in item.keywords)
 
 
 @pytest.fixture(autouse=True)

@@ -19,26 +19,35 @@ def _check(run, label):
     answers_after = [e["after"] for e in evaluation["examples"]]
     terse_before, terse_after = sum(map(is_terse, answers_before)), sum(map(is_terse, answers_after))
     accuracy = after.get("accuracy", after.get("label_accuracy"))
-    print(f"{label}: accuracy {before.get('accuracy', 0.5):.2f} -> {accuracy:.2f}, terse {terse_before}/16 -> "
-          f"{terse_after}/16, length {before['length']:.0f} -> {after['length']:.0f}, KL {after['kl']:.2f}, "
+    n = len(answers_after)
+    print(f"{label}: accuracy {before.get('accuracy', 0.5):.2f} -> {accuracy:.2f}, terse {terse_before}/{n} -> "
+          f"{terse_after}/{n}, length {before['length']:.0f} -> {after['length']:.0f}, KL {after['kl']:.2f}, "
           f"perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f}")
-    assert len(answers_after) == 16
+    assert n == 8
     assert accuracy >= 0.9, evaluation
-    assert terse_before <= 2, answers_before
-    assert terse_after >= 12, answers_after  # most held-out answers take the preferred style
+    assert terse_before <= 1, answers_before  # 2 of 16 before this set was halved
+    assert terse_after >= 6, answers_after  # most held-out answers take the preferred style (12 of 16 before)
     assert after["length"] < 0.6 * before["length"], (answers_before, answers_after)
     assert not evaluation["warnings"], evaluation["warnings"]
 
 
-# Training settings are the defaults; only the watch is measured before and after, not in between.
-WATCH = {"eval_points": 0}
+# Training settings are the defaults; only the watch is set: measured before and after, not in between, with
+# 32-token answers (a terse answer takes about 8; the base model's prose is cut at 32 before and after alike).
+# Halving the answer length cut one after-training measurement on the 16 pairs from 58 s to 46 s (one thread,
+# measured). Smaller training sets do not teach the style: 26 pairs (12 DPO steps) or 43 thumbs (18 KTO steps)
+# left 1 of 16 held-out answers terse.
+WATCH = {"eval_points": 0, "eval_max_new_tokens": 32}
+# Two held-out pairs per category (8 of 16): the watch's cost grows with them (one after-training measurement,
+# 32 tokens: 46 s for 16 pairs, 25 s for 8, one thread), and the full set left no doubt: DPO went from 0/16 to
+# 16/16 terse answers, 140 -> 14 characters, accuracy 1.0 (64 tokens, measured here); KTO 16/16 (preference_specs).
+HELDOUT = style_pairs("heldout")[::2]
 
 
 def test_dpo_defaults_move_the_answers_not_only_the_reward(in_tmp):
-    run = nbalign.dpo(style_pairs("train"), eval_data=style_pairs("heldout"), out="runs/dpo", **WATCH)
+    run = nbalign.dpo(style_pairs("train"), eval_data=HELDOUT, out="runs/dpo", **WATCH)
     _check(run, "dpo")
 
 
 def test_kto_from_thumbs_reaches_the_same_target(in_tmp):
-    run = nbalign.kto(style_thumbs("train"), eval_data=style_pairs("heldout"), out="runs/kto", **WATCH)
+    run = nbalign.kto(style_thumbs("train"), eval_data=HELDOUT, out="runs/kto", **WATCH)
     _check(run, "kto")

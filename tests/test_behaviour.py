@@ -21,6 +21,7 @@ def test_sft_teaches_the_builtin_model_a_one_line_json_format(in_tmp):
     prompts = [row["messages"][0]["content"] for row in heldout]
     before = nbalign.generate("smollm2-135m", prompts, max_new_tokens=40)
     nbalign.lora(r=16, alpha=32, target_modules="all-linear")
+    # All 51 rows: half of them (26 rows, 12 steps) left 0 of 16 held-out answers in the format (measured).
     run = nbalign.sft(train, out="runs/json", epochs=3)  # %%sft's defaults otherwise
     after = run.generate(prompts, max_new_tokens=40)
     ok_before, ok_after = sum(map(is_json_answer, before)), sum(map(is_json_answer, after))
@@ -33,15 +34,15 @@ def test_sft_teaches_the_builtin_model_a_one_line_json_format(in_tmp):
 
 
 def test_rerunning_a_training_cell_does_not_grow_memory(in_tmp):
-    from nbalign.examples import json_answers
-
-    data = json_answers("train")[:8]
+    # The smallest real cell (one step of two examples): what is measured is the model each run loads, not
+    # the training, and a leaked fp32 copy (~540 MiB) would show whatever the run's length.
+    data = json_answers("train")[:2]
     sizes = []
     for _ in range(3):
-        nbalign.sft(data, out="runs/again", overwrite=True, batch_size=4, max_steps=2)
+        nbalign.sft(data, out="runs/again", overwrite=True, batch_size=2, max_steps=1)
         assert live_models() == 0
         sizes.append(rss_mib())
-    # The fp32 model is ~540 MiB: a leaked copy per run would show; allocator noise stays far below.
+    # The first run warms up (imports, allocator pools); the next reruns of the same cell must not add a copy.
     assert sizes[2] - sizes[1] < 150, sizes
 
 
@@ -49,9 +50,11 @@ def test_qlora_trains_the_builtin_model_on_the_cpu(in_tmp):
     plain = nbalign.lora(r=8)
     report = nbalign.lora(r=8, quantize="4bit")
     assert report.base_bytes < 0.4 * plain.base_bytes  # ~166 MiB vs ~540 MiB
-    data = json_answers("train")[:8]
-    run = nbalign.sft(data, out="runs/qlora", batch_size=4, max_steps=3, learning_rate=1e-3)
-    assert run.status == "finished" and run.summary["steps"] == 3
+    # test_engine.py trains QLoRA on the tiny model; this checks the real model's NF4 layers load, take
+    # optimizer steps with finite losses, and generate: two short steps are enough for that.
+    data = json_answers("train")[:4]
+    run = nbalign.sft(data, out="runs/qlora", batch_size=2, max_steps=2, learning_rate=1e-3)
+    assert run.status == "finished" and run.summary["steps"] == 2
     losses = [r["loss"] for r in run.metrics.to_dict("records") if r.get("loss") == r.get("loss") and "loss" in r]
-    assert losses and all(loss < 10 for loss in losses)
+    assert losses and all(loss < 10 for loss in losses), losses
     assert isinstance(run.generate("What is the capital of Spain?", max_new_tokens=8), str)

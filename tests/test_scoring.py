@@ -177,7 +177,9 @@ def test_kl_between_different_weights_is_positive_and_batching_does_not_change_i
     batched = answer_kl(moved, as_reference(tiny), tokenizer, heads, tails, batch_size=8)
     single = [answer_kl(moved, as_reference(tiny), tokenizer, [h], [t], batch_size=1)[0] for h, t in zip(heads, tails)]
     assert all(k > 1e-4 for k in batched), batched
-    assert batched == pytest.approx(single, rel=1e-4)
+    # KL is a difference of two log-probabilities, so padding's float noise (~1e-6 absolute, seen between CPUs
+    # and thread counts) is a larger share of a small KL than of either term: compare absolutely.
+    assert batched == pytest.approx(single, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
