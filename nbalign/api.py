@@ -13,7 +13,7 @@ from .errors import NbalignError
 from .preference_specs import DPOSpec, KTOSpec, RewardSpec, RLHFSpec
 from .runs import Run
 from .runs import list_runs as _list_runs
-from .specs import BUILTIN_MODEL, AdapterSpec, SFTSpec, TrainSpec, resolve_adapter
+from .specs import BUILTIN_MODEL, DATA_FIELDS, AdapterSpec, SFTSpec, TrainSpec, resolve_adapter
 
 # method name -> (spec class, module under methods/, function there)
 METHODS = {
@@ -127,23 +127,17 @@ def build_spec(method: str, values: dict) -> TrainSpec:
     return spec_class.from_dict(values, passthrough=True)
 
 
-DATA_FIELDS = ("data", "eval_data")
-
-
 def _resumed(spec_class, stored: dict, given: dict) -> TrainSpec:
-    from .methods.rewards import describe_reward, import_reward
+    from .methods.rewards import describe_rewards, import_rewards
 
     base = {k: v for k, v in stored.items() if k not in DATA_FIELDS}
     reward_changed = False
     if "reward" in base:  # recorded by name: compare names, and load it again when the cell gives none
         if "reward" in given:
-            mine = given["reward"]
-            reward_changed = base["reward"] != (
-                [describe_reward(r) for r in mine] if isinstance(mine, (list, tuple)) else describe_reward(mine))
-            base["reward"] = mine
+            reward_changed = base["reward"] != describe_rewards(given["reward"])
+            base["reward"] = given["reward"]
         else:
-            kept = base["reward"]
-            base["reward"] = [import_reward(r) for r in kept] if isinstance(kept, list) else import_reward(kept)
+            base["reward"] = import_rewards(base["reward"])
     if "lora" in given:  # an override applies over the run's own adapter, as it did over the session's
         given = {**given, "lora": resolve_adapter(given["lora"], AdapterSpec.from_dict(stored["lora"]))}
     before = spec_class.from_dict({**base, "resume": True}, passthrough=True).to_dict()
@@ -203,7 +197,7 @@ def replay(path: str | Path, out: str | None = None, **changes):
     same model, adapter, data (in-memory data was saved with the run), options and seed. `changes` override
     spec fields, e.g. a reward function defined in a notebook, which spec.json can only name."""
     from .data import load_records
-    from .methods.rewards import import_reward
+    from .methods.rewards import import_rewards
 
     path = Path(path)
     folder = path.parent if path.name == runfolder.SPEC else path
@@ -229,8 +223,7 @@ def replay(path: str | Path, out: str | None = None, **changes):
                 f"pass it again: nbalign.replay('{folder}', out=..., {name}=...).",
             )
     if "reward" in values and "reward" not in changes:
-        reward = values["reward"]
-        values["reward"] = [import_reward(r) for r in reward] if isinstance(reward, list) else import_reward(reward)
+        values["reward"] = import_rewards(values["reward"])
     values.update({"resume": False, "overwrite": False, "out": out, **changes})
     spec_class = METHODS[stored["method"]][0]
     return run_spec(spec_class.from_dict(values, passthrough=True))

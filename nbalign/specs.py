@@ -19,6 +19,9 @@ from typing import Any
 from .errors import NbalignError, unknown_option
 
 BUILTIN_MODEL = "smollm2-135m"
+# TrainSpec fields that may hold in-memory data: saved into the run folder, so spec.json replays, and checked
+# against that copy on --resume.
+DATA_FIELDS = ("data", "eval_data")
 
 
 def opt(default: Any, help: str, *, line: bool = True, factory=None):

@@ -19,12 +19,9 @@ from .. import runfolder
 from ..errors import NbalignError
 from ..generation import CACHE
 from ..runs import Run
-from ..specs import AdapterSpec, TrainSpec, describe_data
+from ..specs import DATA_FIELDS, AdapterSpec, TrainSpec, describe_data
 from .card import model_card
 from .config import checked_trl_fields, common_defaults, planned_steps, trl_config
-
-# Spec fields that may hold in-memory data: saved into the run folder, so spec.json replays.
-DATA_FIELDS = ("data", "eval_data")
 
 
 @dataclass

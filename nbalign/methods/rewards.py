@@ -252,3 +252,13 @@ def import_reward(entry: Any) -> Any:
         f"The run's reward function {name} was defined in {where}, so it cannot be loaded again from spec.json.",
         f"pass it again: nbalign.replay(path, out=..., reward={name.split('.')[-1]}) (or put it in a module).",
     )
+
+
+def describe_rewards(reward: Any) -> Any:
+    """spec.json's record of a reward or a list of them (see describe_reward)."""
+    return [describe_reward(r) for r in reward] if isinstance(reward, (list, tuple)) else describe_reward(reward)
+
+
+def import_rewards(recorded: Any) -> Any:
+    """The rewards describe_rewards recorded, back as something resolve_rewards takes."""
+    return [import_reward(r) for r in recorded] if isinstance(recorded, list) else import_reward(recorded)

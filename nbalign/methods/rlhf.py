@@ -24,7 +24,7 @@ from ..runs import Run
 from ..preference_specs import RLHFSpec
 from ..text import prompt_text, rows_hint
 from . import base
-from .rewards import WHERE, describe_reward, resolve_rewards
+from .rewards import WHERE, describe_rewards, resolve_rewards
 
 # The logged curves (TRL 1.16 key names): mean reward, KL to the reference, mean answer length in tokens.
 REWARD_KEY, KL_KEY, LENGTH_KEY = "reward", "kl", "completions/mean_length"
@@ -113,9 +113,7 @@ class RLHF(base.Method):
 
     def stored_values(self, spec: RLHFSpec) -> dict:
         """A reward model run by its folder, a Python function by module and name (see rewards.import_reward)."""
-        reward = spec.reward
-        return {"reward": [describe_reward(r) for r in reward] if isinstance(reward, (list, tuple))
-                else describe_reward(reward)}
+        return {"reward": describe_rewards(spec.reward)}
 
     def planned_steps(self, spec: RLHFSpec, n_examples: int, extra: dict) -> int:
         """Optimizer steps: each prompt is answered num_generations times, and batch_size counts answers."""
