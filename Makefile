@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .install-stamp
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean browser
 
 $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build where a CPU one is on disk.
@@ -18,7 +18,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PYTHON) -m nbalign demo
 
-test: $(STAMP)
+# The widget tests drive a real browser: Debian's chromium (no browser can be downloaded by playwright here).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "nbalign: could not install chromium (needs root); the browser tests will be skipped"
+
+test: $(STAMP) browser
 	# The built-in model is converted once before the workers start: two would race to write its cache.
 	$(PYTHON) -c "from nbalign.models import builtin_model_dir; builtin_model_dir()"
 	# Two workers of one thread each: on 2 cores this does more work per second than one process with two

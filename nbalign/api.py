@@ -122,9 +122,60 @@ def build_spec(method: str, values: dict) -> TrainSpec:
     values = {k: v for k, v in values.items() if v is not None or k not in API_PARAMETERS}
     stored = runfolder.read_spec(values["out"]).get("spec") if values.get("resume") and values.get("out") else None
     if stored:
-        return _resumed(spec_class, stored, values)
+        return from_labels(_resumed(spec_class, stored, values))
     values["lora"] = resolve_adapter(values.get("lora"), session.adapter)
-    return spec_class.from_dict(values, passthrough=True)
+    return from_labels(spec_class.from_dict(values, passthrough=True))
+
+
+def from_labels(spec: TrainSpec) -> TrainSpec:
+    """Data given as a labeller or a label store becomes the rows its labels make now (pairs; thumbs for
+    %%kto), as the spec's options say to use ties and 'both bad'. A store keeps growing, so the run keeps
+    these rows (saved with it, with the store's path and counts): it replays as it was trained."""
+    from .labeling.store import label_source
+
+    changes = {}
+    for name in DATA_FIELDS:
+        store = label_source(getattr(spec, name, None))
+        if store is None or (name == "data" and getattr(spec, "live", False)):
+            continue
+        rows = label_rows(spec, store, name)
+        if not rows:
+            raise NbalignError(
+                f"{spec.where}: the label store '{store.path}' gives no training rows yet: {rows.summary}.",
+                "label some items first (or, for ties, set ties: both_ways; for AI labels, labels_from: any).",
+            )
+        print(f"nbalign {spec.method}: {rows.summary}", flush=True)
+        changes[name] = rows
+    return spec.replace(**changes) if changes else spec
+
+
+def label_rows(spec: TrainSpec, store, name: str = "data"):
+    """The store's labels as this method trains on them: thumbs for %%kto's data, pairs otherwise."""
+    if spec.method == "kto" and name == "data":
+        return store.unpaired(both_bad=spec.both_bad, labels_from=spec.labels_from)
+    if spec.method in ("dpo", "kto", "reward_model"):
+        return store.pairs(ties=getattr(spec, "ties", "drop"), labels_from=getattr(spec, "labels_from", "human"))
+    raise NbalignError(
+        f"{spec.where} cannot train on a label store ('{store.path}'): labels are pairs and thumbs.",
+        "pass it to %%dpo, %%kto or %%reward_model; for %%sft export the chosen answers first.",
+    )
+
+
+def live(spec: TrainSpec):
+    """--live: rounds of training in the background as labels arrive (labeling/live.py)."""
+    from .labeling.live import LiveTraining, pick_mode
+    from .labeling.store import LabelStore, label_source
+
+    store = label_source(spec.data)
+    if store is None:
+        raise NbalignError(
+            f"{spec.where} --live trains on labels as they arrive, so --data must be a labeller or a label store "
+            f"(it is a {type(spec.data).__name__}).",
+            "pass the labeller (labels = nbalign.label_pairs(...)) or its store's path, or drop --live.",
+        )
+    labeler = None if isinstance(spec.data, (str, Path, LabelStore)) else spec.data
+    mode = pick_mode(spec.live_mode)
+    return LiveTraining(spec, store, lambda: label_rows(spec, store), run_spec, labeler=labeler, mode=mode).start()
 
 
 def _resumed(spec_class, stored: dict, given: dict) -> TrainSpec:
@@ -160,6 +211,8 @@ def run_spec(spec: TrainSpec):
     """Train a spec with its method (the methods layer); returns the Run (a RewardModel for reward models)."""
     import importlib
 
+    if getattr(spec, "live", False):
+        return live(spec)
     _, module, function = METHODS[spec.method]
     return getattr(importlib.import_module(f".methods.{module}", __package__), function)(spec)
 

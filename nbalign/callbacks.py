@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -11,6 +12,21 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from . import runfolder
+
+# Training in a background thread (%%dpo --live) reports here instead of displaying in whatever cell runs
+# then, and stops when its event is set: per thread, so a cell training in the foreground is unaffected.
+_thread = threading.local()
+
+
+@contextlib.contextmanager
+def in_background(progress, stop: threading.Event):
+    """Within this block, this thread's training reports `progress(step, max_steps, loss)` and stops (saving,
+    as after an interrupt) once `stop` is set."""
+    _thread.progress, _thread.stop = progress, stop
+    try:
+        yield
+    finally:
+        _thread.progress = _thread.stop = None
 
 
 class MetricsWriter(TrainerCallback):
@@ -49,7 +65,8 @@ class LiveProgress(TrainerCallback):
         self.title = title
         self.min_interval = min_interval
         self.rows: list[dict] = []
-        self.notebook = in_notebook()
+        self.report = getattr(_thread, "progress", None)
+        self.notebook = in_notebook() and self.report is None
         self._bar = self._plot = None
         self._last_bar = self._last_plot = 0.0
 
@@ -78,9 +95,12 @@ class LiveProgress(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._show_bar(state)
-        if self.notebook:
-            self._show_plot()
-        else:
+        if self.notebook and self._plot is not None:
+            from IPython.display import HTML
+
+            # The Run's summary below shows the whole curve: the live copy would show it twice.
+            self._plot.update(HTML(""))
+        elif not self.notebook and self.report is None:
             sys.stderr.write("\n")
 
     def _eta(self, state) -> tuple[float, float]:
@@ -106,7 +126,10 @@ class LiveProgress(TrainerCallback):
         )
 
     def _show_bar(self, state):
-        if self.notebook and self._bar is not None:
+        if self.report is not None:
+            loss = next((r["loss"] for r in reversed(self.rows) if "loss" in r), None)
+            self.report(state.global_step, state.max_steps, loss)
+        elif self.notebook and self._bar is not None:
             from IPython.display import HTML
 
             self._bar.update(HTML(self._bar_html(state)))
@@ -136,20 +159,26 @@ class InterruptGuard:
     the end of the current step, so a checkpoint and the adapter are saved; a second one stops at once."""
 
     def __init__(self):
-        self.requested = False
+        self._requested = False
         self._previous = None
+        self._stop = None
+
+    @property
+    def requested(self) -> bool:
+        return self._requested or (self._stop is not None and self._stop.is_set())
 
     def __enter__(self):
-        self.requested = False
+        self._requested = False
+        self._stop = getattr(_thread, "stop", None)
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self._requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self._requested = True
         print("\nnbalign: interrupt received - stopping after this step and saving (interrupt again to stop now).",
               file=sys.stderr, flush=True)
 

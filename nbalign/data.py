@@ -108,6 +108,12 @@ def _read_path(path: Path, what: str) -> list[dict]:
         reason = str(exc).strip().rstrip(".")
         raise NbalignError(f"Could not read the {what} file '{path}': {reason}.",
                            "check that the file is valid.") from None
+    if suffix in (".sqlite", ".sqlite3", ".db"):
+        raise NbalignError(
+            f"The {what} '{path}' is an SQLite file: nbalign reads label stores as preference pairs or thumbs, "
+            "which this method does not train on.",
+            "pass the store to --data of %%dpo, %%reward_model or %%kto, or export it (LabelStore(path).export(...)).",
+        )
     raise NbalignError(
         f"The {what} file '{path}' has an unknown type '{suffix}'.",
         "use .jsonl, .json, .csv, .parquet, or a folder saved with Dataset.save_to_disk.",

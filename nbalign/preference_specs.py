@@ -13,6 +13,12 @@ from .specs import TrainSpec, choice, coerce, opt
 
 
 PRECOMPUTE = ("auto", True, False)
+# How labels from a label store become training rows (labeling/store.py applies them).
+LABELS_FROM = ("human", "judge", "any")
+TIES = ("drop", "both_ways")
+BOTH_BAD = ("drop", "down")
+TIES_HELP = ("label-store data: drop ties, or both_ways (each tie as the pair in both orders, a half win each way, "
+             "which pulls the margin to zero)")
 
 
 @dataclass
@@ -26,9 +32,19 @@ class PreferenceSpec(TrainSpec):
     eval_points: int = opt(2, "evaluations during training, for the curves (0: only before and after)")
     eval_max_new_tokens: int = opt(64, "tokens generated per held-out prompt for the length and KL watch")
     precompute_ref: Any = opt("auto", "compute reference log-probs once before training: auto (when cheaper), true, false")
+    labels_from: str = opt("human", "label-store data: whose labels train: human, judge (AI labels) or any "
+                           "(a human's where given, else the judge's)")
+    live: bool = opt(False, "with --data a labeller or label store: train in rounds in the background as labels arrive")
+    live_every: int = opt(8, "--live: new labels that start a round of training")
+    live_mode: str = opt("auto", "--live: background (a thread; the widget stays usable), rounds (between labels, "
+                         "for front ends that cannot update widgets from a thread), or auto")
 
     def __post_init__(self):
         super().__post_init__()
+        choice("labels_from", self.labels_from, LABELS_FROM, self.where)
+        choice("live_mode", self.live_mode, ("auto", "background", "rounds"), self.where)
+        if self.live_every < 1:
+            raise NbalignError(f"{self.where}: 'live_every' must be 1 or more.", "use e.g. live_every: 8.")
         if self.eval_points < 0:
             raise NbalignError(f"{self.where}: 'eval_points' must be 0 or more.", "use e.g. 4.")
         if self.eval_max_new_tokens < 1:
@@ -69,9 +85,11 @@ class DPOSpec(PreferenceSpec):
         "weight of an SFT term on the chosen answers (RPO; for simpo TRL's cpo_alpha): keeps their likelihood "
         "rising so generations move, not only the margin; 0 for the pure loss; orpo's own SFT term is fixed",
     )
+    ties: str = opt("drop", TIES_HELP)
 
     def __post_init__(self):
         super().__post_init__()
+        choice("ties", self.ties, TIES, self.where)
         self.loss = self.loss_weights()  # normalised: {name: weight}
         if not self.sft_weight >= 0:
             raise NbalignError("%%dpo: 'sft_weight' must be 0 or more.", "use 1.0 (default) or 0 for the pure loss.")
@@ -149,6 +167,7 @@ class KTOSpec(PreferenceSpec):
 
     beta: float = opt(0.1, "how far from the reference the policy may move")
     unpair: bool = opt(False, "accept preference pairs: each becomes a thumbs-up (chosen) and a thumbs-down row")
+    both_bad: str = opt("down", "label-store data: a pair labelled 'both bad' as two thumbs down, or drop")
     desirable_weight: float | None = opt(None, "loss weight of thumbs-up rows; default balances skewed classes")
     undesirable_weight: float | None = opt(None, "loss weight of thumbs-down rows; default balances skewed classes")
 
@@ -156,6 +175,7 @@ class KTOSpec(PreferenceSpec):
         super().__post_init__()
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise NbalignError("%%kto: 'beta' must be positive.", "use e.g. beta: 0.1.")
+        choice("both_bad", self.both_bad, BOTH_BAD, self.where)
         for name in ("desirable_weight", "undesirable_weight"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -173,6 +193,13 @@ class RewardSpec(TrainSpec):
     trl_aliases: typing.ClassVar[dict] = {**TrainSpec.trl_aliases, "center_rewards_coefficient": "center_rewards"}
 
     center_rewards: float | None = opt(0.01, "pull scores towards zero mean (coefficient; null to turn off)")
+    ties: str = opt("drop", TIES_HELP)
+    labels_from: str = opt("human", "label-store data: whose labels train: human, judge (AI labels) or any")
+
+    def __post_init__(self):
+        super().__post_init__()
+        choice("ties", self.ties, TIES, self.where)
+        choice("labels_from", self.labels_from, LABELS_FROM, self.where)
 
 
 RL_ALGORITHMS = ("grpo", "rloo")

@@ -100,6 +100,8 @@ class Run:
             "model": spec.get("spec", {}).get("model"),
             "adapter": spec.get("adapter_description"),
             "device": spec.get("device"),
+            "data": (spec.get("spec", {}).get("data") or {}).get("summary")
+            if isinstance(spec.get("spec", {}).get("data"), dict) else None,
         }
         rows.update({k: _fmt(v) for k, v in status.get("summary", {}).items()})
         table = "".join(

@@ -157,7 +157,10 @@ def describe_data(data: Any) -> dict:
         fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
     except Exception:  # noqa: BLE001 - an unhashable object just has no fingerprint
         fingerprint = None
-    return {"in_memory": kind, "rows": rows, "fingerprint": fingerprint}
+    described = {"in_memory": kind, "rows": rows, "fingerprint": fingerprint}
+    if isinstance(getattr(data, "provenance", None), dict):  # rows made from a label store (labeling/store.py)
+        described.update(labels=data.provenance, summary=data.summary)
+    return described
 
 
 ADAPTER_TYPES = ("lora", "dora", "full")

@@ -124,8 +124,22 @@ def result_of(nb) -> dict:
 
 
 def assert_no_errors(nb):
+    """No error, no "IProgress not found" warning, and each cell shows a training curve at most once (the live
+    plot is replaced by the Run's summary, which carries the whole curve)."""
     errors = [o for o in code_outputs(nb) if o.output_type == "error"]
     assert not errors, errors
+    warned = [o for o in code_outputs(nb) if "IProgress not found" in json.dumps(o)]
+    assert not warned, warned
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        curves = [o for o in cell.get("outputs", []) if _is_loss_curve(o)]
+        assert len(curves) <= 1, (cell.source, [o.get("data", {}).get("text/plain") for o in curves])
+
+
+def _is_loss_curve(output) -> bool:
+    data = output.get("data", {})
+    live = "image/png" in data and "Figure size" not in data.get("text/plain", "")
+    summary = "data:image/png" in data.get("text/html", "") and "nbalign " in data.get("text/html", "")
+    return live or summary
 
 
 def figure_axes(nb) -> list[int]:
