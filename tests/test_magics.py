@@ -189,3 +189,34 @@ def test_preference_magics_have_help(ip, capsys):
     for name in ("dpo", "kto", "reward_model", "rlhf"):
         ip.run_line_magic(name, "--help")
         assert f"%%{name}" in capsys.readouterr().out
+
+
+def test_label_data_and_live_on_the_magic_line(ip, engines, in_tmp, monkeypatch):
+    """`%%dpo --data labels` with a labeller in the notebook, `%%reward_model --data <store path>`, and
+    `%%dpo --data labels --live`: the magic passes them on as one API call each."""
+    from nbalign.labeling.store import LabelStore
+
+    store = LabelStore("labels/support.sqlite", labeller="ann")
+    ids = store.add_items([{"prompt": "q", "a": "short", "b": "a long answer"},
+                           {"prompt": "r", "a": "x", "b": "y"}])
+    store.label(ids[0], "A")
+    store.label(ids[1], "tie")
+
+    class Labeller:
+        pass
+
+    labels = Labeller()
+    labels.store = store
+    ip.user_ns["labels"] = labels
+    ip.run_line_magic("dpo", "--data labels --ties both_ways")
+    ip.run_line_magic("reward_model", "--data labels/support.sqlite")
+    ip.run_line_magic("kto", "--data labels --both-bad drop")
+    (_, dpo), (_, rm), (_, kto) = engines
+    assert [(r["chosen"], r["rejected"]) for r in dpo.data] == [("short", "a long answer"), ("x", "y"), ("y", "x")]
+    assert [(r["chosen"], r["rejected"]) for r in rm.data] == [("short", "a long answer")]
+    assert [(r["completion"], r["label"]) for r in kto.data] == [("short", True), ("a long answer", False)]
+
+    started = []
+    monkeypatch.setattr("nbalign.api.live", lambda spec: started.append(spec))
+    ip.run_line_magic("dpo", "--data labels --live --live-every 4")
+    assert started[0].live is True and started[0].live_every == 4 and started[0].data is labels

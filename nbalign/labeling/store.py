@@ -52,8 +52,16 @@ CREATE TABLE IF NOT EXISTS labels (
     note TEXT,                     -- JSON: e.g. the judge's reason
     time TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS labels_item ON labels(item);
 """
+# Kept apart from the tables: an older store gets them when it is opened again.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS labels_item ON labels(item);
+CREATE INDEX IF NOT EXISTS labels_undoes ON labels(undoes);
+CREATE INDEX IF NOT EXISTS items_prompt ON items(kind, prompt)
+"""
+_ITEM_COLUMNS = "i.id, i.kind, i.prompt, i.a, i.b, i.source_a, i.source_b, i.swapped, i.created"
+# A label row that stands: not an undo, and not taken back by one.
+_STANDS = "l.choice != 'undo' AND NOT EXISTS (SELECT 1 FROM labels u WHERE u.undoes = l.id)"
 
 
 def default_labeller() -> str:
@@ -164,10 +172,16 @@ class LabelStore(TrainingRows):
             if not tables:
                 with self._write() as c:
                     # statement by statement: executescript() would commit in the middle of the transaction
-                    for statement in filter(str.strip, _SCHEMA.split(";")):
+                    for statement in filter(str.strip, (_SCHEMA + ";" + _INDEXES).split(";")):
                         c.execute(statement)
                     c.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?), ('version', ?), ('created', ?)",
                               (FORMAT, str(VERSION), now()))
+            else:
+                indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+                if not {"labels_item", "labels_undoes", "items_prompt"} <= indexes:
+                    with self._write() as c:
+                        for statement in filter(str.strip, _INDEXES.split(";")):
+                            c.execute(statement)
             version = int(conn.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0])
             if version > VERSION:
                 raise NbalignError(
@@ -208,11 +222,18 @@ class LabelStore(TrainingRows):
                 f"({', '.join(f'{k} {v}' for k, v in c['choices'].items()) or 'none yet'})")
 
     # -- items ----------------------------------------------------------------------------------------------
-    def add_items(self, items: list[dict]) -> list[int]:
-        """Store candidates (dicts with kind, prompt, a, b, source_a, source_b, swapped) in one transaction."""
-        ids = []
+    def add_items(self, items: list[dict], skip_existing: bool = False) -> list[int | None]:
+        """Store candidates (dicts with kind, prompt, a, b, source_a, source_b, swapped) in one transaction.
+        With skip_existing, a prompt that already has an item of that kind is not added again (its id is None):
+        checked inside the same transaction, so two labellers writing candidates for one prompt list at once
+        still make one item per prompt."""
+        ids: list[int | None] = []
         with self._write() as c:
             for it in items:
+                if skip_existing and c.execute("SELECT 1 FROM items WHERE kind = ? AND prompt = ?",
+                                               (it.get("kind", "pair"), json.dumps(it["prompt"]))).fetchone():
+                    ids.append(None)
+                    continue
                 cur = c.execute(
                     "INSERT INTO items (kind, prompt, a, b, source_a, source_b, swapped, created) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -227,6 +248,21 @@ class LabelStore(TrainingRows):
         rows = self._connect().execute(sql + (" WHERE kind = ?" if kind else "") + " ORDER BY id",
                                        (kind,) if kind else ()).fetchall()
         return [_item(r) for r in rows]
+
+    def undecided(self, kind: str, labeller: str | None = None) -> list[Item]:
+        """Items of `kind` this labeller has no standing decision on, oldest first (one indexed query: a click
+        costs the same with 10 labels in the store or 10,000)."""
+        rows = self._connect().execute(
+            f"SELECT {_ITEM_COLUMNS} FROM items i WHERE i.kind = ? AND NOT EXISTS (SELECT 1 FROM labels l WHERE "
+            f"l.item = i.id AND l.labeller = ? AND l.origin = 'human' AND {_STANDS}) ORDER BY i.id",
+            (kind, labeller or self.labeller)).fetchall()
+        return [_item(r) for r in rows]
+
+    def decided_prompts(self, kind: str, labeller: str | None = None) -> list[str]:
+        """The stored prompts (JSON text) of `kind` this labeller has decided."""
+        return [r[0] for r in self._connect().execute(
+            f"SELECT i.prompt FROM items i WHERE i.kind = ? AND EXISTS (SELECT 1 FROM labels l WHERE l.item = i.id "
+            f"AND l.labeller = ? AND l.origin = 'human' AND {_STANDS})", (kind, labeller or self.labeller))]
 
     def item(self, item_id: int) -> Item:
         row = self._connect().execute("SELECT id, kind, prompt, a, b, source_a, source_b, swapped, created "
@@ -249,13 +285,15 @@ class LabelStore(TrainingRows):
                              json.dumps(note) if note else None, now()))
             return cur.lastrowid
 
-    def undo(self, labeller: str | None = None) -> int | None:
-        """Take back this labeller's last decision (appending an `undo` row); returns its item, or None."""
+    def undo(self, labeller: str | None = None, kind: str | None = None) -> int | None:
+        """Take back this labeller's last decision (on an item of `kind`, if given: a pair labeller's undo never
+        takes back a thumbs label), appending an `undo` row; returns its item, or None."""
         who = labeller or self.labeller
         with self._write() as c:
             row = c.execute(
-                "SELECT id, item FROM labels WHERE labeller = ? AND origin = 'human' AND choice != 'undo' AND id NOT IN "
-                "(SELECT undoes FROM labels WHERE undoes IS NOT NULL) ORDER BY id DESC LIMIT 1", (who,)).fetchone()
+                f"SELECT l.id, l.item FROM labels l JOIN items i ON i.id = l.item WHERE l.labeller = ? AND "
+                f"l.origin = 'human' AND {_STANDS}" + (" AND i.kind = ?" if kind else "") +
+                " ORDER BY l.id DESC LIMIT 1", (who, kind) if kind else (who,)).fetchone()
             if row is None:
                 return None
             c.execute("INSERT INTO labels (item, choice, undoes, labeller, origin, time) VALUES (?, 'undo', ?, ?, 'human', ?)",
@@ -296,9 +334,9 @@ class LabelStore(TrainingRows):
     def counts(self) -> dict:
         conn = self._connect()
         n_items = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-        choices = Counter(self.decisions(origin=None).values()) if n_items else Counter()
-        human = self._current("human")
-        given = {item for item, _ in human} | {item for item, _ in self._current("import")}
+        human, imported = self._current("human"), self._current("import")
+        choices = Counter([*human.values(), *imported.values()])
+        given = {item for item, _ in human} | {item for item, _ in imported}
         return {"items": n_items, "labelled": len(given), "judged": len({i for i, _ in self._current("judge")}),
                 "choices": dict(choices), "labellers": sorted({who for _, who in human})}
 
