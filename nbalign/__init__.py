@@ -10,7 +10,7 @@ from .version import __version__
 
 __all__ = [
     "lora", "sft", "dpo", "kto", "reward_model", "rlhf", "evaluate", "replay", "RewardModel", "list_runs", "generate",
-    "Run",
+    "Run", "label_pairs", "label_thumbs", "LabelStore", "prelabel", "agreement", "revise", "make_judge",
     "NbalignError", "session", "load_ipython_extension", "examples", "__version__",
 ]
 
@@ -27,6 +27,13 @@ _LAZY = {
     "list_runs": ("api", "list_runs"),
     "generate": ("api", "generate"),
     "Run": ("runs", "Run"),
+    "label_pairs": ("api", "label_pairs"),
+    "label_thumbs": ("api", "label_thumbs"),
+    "LabelStore": ("labeling.store", "LabelStore"),
+    "prelabel": ("labeling.judge", "prelabel"),
+    "make_judge": ("labeling.judge", "make_judge"),
+    "agreement": ("labeling.agreement", "agreement"),
+    "revise": ("labeling.constitution", "revise"),
     "NbalignError": ("errors", "NbalignError"),
     "session": ("_session", "session"),
 }

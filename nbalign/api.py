@@ -282,11 +282,32 @@ def replay(path: str | Path, out: str | None = None, **changes):
     return run_spec(spec_class.from_dict(values, passthrough=True))
 
 
+def label_pairs(prompts: Any, model: Any = BUILTIN_MODEL, store: Any = None, **options):
+    """The pair labeller (what a person clicks A / B / tie / both bad / skip / undo in): two answers per prompt
+    from `model` (sampled twice) or from two sources (model names, run folders or functions), written ahead in
+    the background into the label store `store` (default labels/labels.sqlite). Give the labeller, or its
+    store's path, to --data of %%dpo, %%kto or %%reward_model."""
+    from .labeling.widgets import PairLabeler
+
+    return PairLabeler(prompts, model=model, store=store, **options)
+
+
+def label_thumbs(prompts: Any, model: Any = BUILTIN_MODEL, store: Any = None, **options):
+    """The thumbs labeller (up / down / skip / undo on one answer per prompt), for %%kto."""
+    from .labeling.widgets import ThumbsLabeler
+
+    return ThumbsLabeler(prompts, model=model, store=store, **options)
+
+
 def evaluate(model: str, data: Any, reference: str | None = None, **options):
     """Held-out preference accuracy and margins, KL to the reference, answer length and general-text
     perplexity of `model` against `reference` (default: the model a run started from)."""
     from .evaluation import evaluate as _evaluate
+    from .labeling.store import label_source
 
+    store = label_source(data)
+    if store is not None:  # a labeller or label store: its pairs as they stand now
+        data = store.pairs()
     return _evaluate(model, data, reference=reference, **options)
 
 

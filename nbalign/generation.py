@@ -1,34 +1,46 @@
 """Text from a base model or a run's tuned model, with its chat template, and the one bounded cache of a
-model kept loaded between calls (so re-running a cell that generates does not reload, nor grow memory)."""
+model kept loaded between calls (so re-running a cell that generates does not reload, nor grow memory).
+Seeded sampling that leaves the global RNG alone, and sources of answers to compare (a model, the same with a
+system message or settings of its own, or a function), each answer with where it came from."""
 
 from __future__ import annotations
 
+import datetime as _dt
+import threading
 from pathlib import Path
 from typing import Any
 
-from .text import prompt_text
+from .errors import NbalignError
+from .text import prompt_text, to_messages
+
+SOURCE_KEYS = ("model", "system", "sampling")
 
 
 class ModelCache:
-    """At most one model kept loaded for generation or scoring: asking for another frees the first."""
+    """At most one model kept loaded for generation or scoring: asking for another frees the first. Safe to
+    reach from several threads (a judge in the labeller's candidate thread, the kernel's own): one loads at a
+    time, and nobody gets a half-swapped entry."""
 
     def __init__(self):
         self._loaded: tuple[str, object, object] | None = None  # (key, model, tokenizer)
+        self._lock = threading.RLock()
 
     def get(self, key: str, load):
         """The model for `key`, loading it with `load()` and dropping any other one kept before."""
-        if self._loaded is None or self._loaded[0] != key:
-            self.release()
-            model, tokenizer = load()
-            self._loaded = (key, model, tokenizer)
-        return self._loaded[1], self._loaded[2]
+        with self._lock:
+            if self._loaded is None or self._loaded[0] != key:
+                self.release()
+                model, tokenizer = load()
+                self._loaded = (key, model, tokenizer)
+            return self._loaded[1], self._loaded[2]
 
     def release(self) -> None:
-        if self._loaded is not None:
-            self._loaded = None
-            from .devices import free_memory
+        with self._lock:
+            if self._loaded is not None:
+                self._loaded = None
+                from .devices import free_memory
 
-            free_memory()
+                free_memory()
 
 
 # The process holds one: the memory it bounds is the process's. Training releases it first.
@@ -68,9 +80,23 @@ def generate(model: str, prompt: Any, max_new_tokens: int = 128, **kwargs) -> st
     return answers[0] if single else answers
 
 
-def generate_with(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_size: int = 8, **kwargs) -> list[str]:
+def generate_with(model, tokenizer, prompts: list, max_new_tokens: int = 128, batch_size: int = 8,
+                  seed: int | None = None, stop: threading.Event | None = None, system: str | None = None,
+                  **kwargs) -> list[str]:
+    """Answers to `prompts` (strings or message lists) from a loaded model. Greedy unless kwargs say
+    do_sample=True. With `seed`, sampling draws from a generator of its own (see `decoding`): the same seed
+    gives the same answers and the global RNG is left alone. With `stop`, generation ends at the next token
+    once the event is set. With `system`, each prompt is answered after that system message (in place of
+    one the prompt has)."""
     import torch
 
+    if seed is not None and kwargs.get("do_sample"):
+        kwargs = decoding(kwargs, seed, model.device)
+    if stop is not None:
+        kwargs["stopping_criteria"] = stopping(stop)
+    if system is not None:
+        prompts = [[{"role": "system", "content": system}] + [m for m in to_messages(p) if m.get("role") != "system"]
+                   for p in prompts]
     texts = [prompt_text(tokenizer, p) for p in prompts]
     kwargs.setdefault("do_sample", False)
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
@@ -91,3 +117,115 @@ def generate_with(model, tokenizer, prompts: list, max_new_tokens: int = 128, ba
     finally:
         tokenizer.padding_side = side
     return out
+
+
+def decoding(sampling: dict, seed: int, device) -> dict:
+    """generate() keyword arguments for `sampling` (do_sample, temperature, top_k, top_p, min_p, others passed
+    on). A sample is drawn from a torch.Generator of its own (after temperature/top-k/top-p/min-p) and greedy
+    decoding takes the drawn token, so the global RNG, which training in another thread may be using, is never
+    touched, and a seed gives the same answers. Wrong settings (a temperature of 0) raise ValueError here."""
+    import torch
+    from transformers import (LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    rest = dict(sampling)
+    knobs = {k: rest.pop(k, None) for k in ("temperature", "top_k", "top_p", "min_p")}
+    if not rest.pop("do_sample", True):
+        return {"do_sample": False, **rest}
+    warpers = ((TemperatureLogitsWarper, "temperature", float), (TopKLogitsWarper, "top_k", int),
+               (TopPLogitsWarper, "top_p", float), (MinPLogitsWarper, "min_p", float))
+    processors = [cls(kind(knobs[k])) for cls, k, kind in warpers if knobs[k] is not None]
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+
+    def draw(input_ids, scores):
+        picked = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=generator)
+        return torch.full_like(scores, float("-inf")).scatter_(1, picked, 0.0)
+
+    return {"do_sample": False, "logits_processor": LogitsProcessorList([*processors, draw]), **rest}
+
+
+def stopping(stop: threading.Event):
+    """generate() stops at the next token once `stop` is set (a closing caller need not wait for a whole answer)."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    def stopped(input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([stopped])
+
+
+# -- sources of answers -------------------------------------------------------------------------------------
+def model_of(source: Any) -> str | None:
+    """The model name or run folder a source generates with (None for a function)."""
+    return None if callable(source) else str(source["model"]) if isinstance(source, dict) else str(source)
+
+
+def source_name(source: Any) -> str:
+    if callable(source):
+        return f"{getattr(source, '__module__', None) or '?'}.{getattr(source, '__qualname__', type(source).__name__)}"
+    return model_of(source)
+
+
+def check_source(source: Any) -> None:
+    """Refuse what cannot answer. A source is a function prompt -> answer text, a model name or run folder, or
+    {"model": name or folder, "system": text, "sampling": {...}} (system and sampling optional). A missing
+    folder or an unfinished run is refused now, not when the first answer is due."""
+    if callable(source):
+        return
+    if isinstance(source, dict):
+        system, sampling = source.get("system"), source.get("sampling")
+        if (set(source) - set(SOURCE_KEYS) or not isinstance(source.get("model"), (str, Path)) or not (
+                system is None or (isinstance(system, str) and system.strip())) or not isinstance(sampling, (dict, type(None)))):
+            raise NbalignError(f"The source {source!r} is not a model with a system message or sampling of its own.",
+                               "use the keys 'model' (a name or run folder), 'system' (text) and 'sampling' (a dict), "
+                               "e.g. {'model': 'smollm2-135m', 'system': 'Answer in one short sentence.'}.")
+    name = model_of(source) if isinstance(source, (str, dict)) else None
+    if not name or not name.strip():
+        raise NbalignError(f"{source!r} is not a model to generate answers with.",
+                           "pass a model name, a run folder, {'model': ..., 'system': ...}, or a function "
+                           "prompt -> answer text.")
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        from .models import resolve
+
+        resolve(name)
+
+
+def check_sampling(sampling: dict, source: Any = None) -> dict:
+    """Sampling settings for a source, do_sample on unless they say otherwise; a temperature of 0 or a top_p of 2
+    is refused here."""
+    settings = {"do_sample": True, **sampling}
+    if not callable(source):
+        try:
+            decoding(settings, 0, "cpu")
+        except (TypeError, ValueError) as exc:
+            raise NbalignError(f"sampling={settings!r} cannot be used: {exc}",
+                               "e.g. {'temperature': 0.8, 'top_p': 0.95}, or {'do_sample': False} for greedy.") from None
+    return settings
+
+
+def answers_from(source: Any, prompt: Any, n: int, load, seed: int = 0, sampling: dict | None = None,
+                 max_new_tokens: int = 128, stop: threading.Event | None = None) -> tuple[list[str] | None, dict | None]:
+    """(n answers to `prompt`, where they came from: the function, or model, adapter, system and sampling), or
+    (None, None) when `stop` was set meanwhile. `load(name)` gives a model's (model, tokenizer)."""
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    if callable(source):
+        texts = [source(prompt) for _ in range(n)]
+        wrong = next((t for t in texts if not isinstance(t, str)), "")
+        if not isinstance(wrong, str):
+            raise NbalignError(f"The answer function {source_name(source)} returned {type(wrong).__name__}, not text.",
+                               "make it return the answer as a string.")
+        return texts, {"function": source_name(source), "time": when}
+    from .models import resolve
+
+    name, system = model_of(source), source.get("system") if isinstance(source, dict) else None
+    sampling = {"do_sample": True, **(sampling or {})}
+    model, tokenizer = load(name)
+    texts = generate_with(model, tokenizer, [prompt] * n, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
+                          system=system, **sampling)
+    if stop is not None and stop.is_set():
+        return None, None
+    ref = resolve(name)
+    where = {"model": name, "adapter": ref.parents[-1] if ref.parents else None}
+    return texts, {**where, **({"system": system} if system is not None else {}),
+                   "sampling": {**sampling, "max_new_tokens": max_new_tokens, "seed": seed}, "time": when}
