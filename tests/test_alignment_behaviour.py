@@ -43,8 +43,24 @@ WATCH = {"eval_points": 0, "eval_max_new_tokens": 32}
 HELDOUT = style_pairs("heldout")[::2]
 
 
-def test_dpo_defaults_move_the_answers_not_only_the_reward(in_tmp):
-    run = nbalign.dpo(style_pairs("train"), eval_data=HELDOUT, out="runs/dpo", **WATCH)
+def test_labels_given_in_the_widget_train_dpo_to_move_the_answers_not_only_the_reward(in_tmp):
+    """A person's labels, given by driving the pair labeller from Python, consistently prefer the terse style;
+    `nbalign.dpo(labels)` (what `%%dpo --data labels` calls) must move the held-out answers towards it. The
+    two candidates per prompt are the written terse and rambling answers of style_pairs (two "systems")."""
+    train = style_pairs("train")
+    answers = {row["prompt"]: row for row in train}
+    labels = nbalign.label_pairs(list(answers), model=[lambda p: answers[p]["chosen"], lambda p: answers[p]["rejected"]],
+                                 store="labels/style.sqlite", labeller="tester")
+    swapped = 0
+    while labels.wait(1) and labels.item is not None:
+        item = labels.item
+        swapped += item.swapped
+        labels.choose("A" if is_terse(item.a) else "B")
+    labels.close()
+    assert labels.store.counts()["labelled"] == len(train) and 0 < swapped < len(train)  # sides were shuffled
+    run = nbalign.dpo(labels, eval_data=HELDOUT, out="runs/dpo", **WATCH)
+    saved = run.spec["spec"]["data"]
+    assert saved["rows"] == len(train) and saved["labels"]["counts"] == {"pairs": len(train)}
     _check(run, "dpo")
 
 

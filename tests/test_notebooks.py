@@ -118,3 +118,27 @@ def test_kto_notebook_balances_thumbs_and_unpairs_pairs(tmp_path, monkeypatch, k
         assert json.loads((run / "status.json").read_text())["status"] == "finished", folder
         assert (run / "evaluation.json").is_file()
     assert figure_axes(nb) == [6]  # the loss and the five watch curves (2 x 3)
+
+
+@pytest.mark.slow
+def test_label_and_align_notebook_labels_model_answers_and_trains_on_them(tmp_path, monkeypatch, kernel_name):
+    """Tutorial 06 in quick mode: the built-in model writes candidate pairs (plain and prompted concise), the
+    labeller is driven as a click would drive it, the labels land in the store with provenance, and %%dpo
+    trains on them."""
+    import sqlite3
+
+    monkeypatch.setenv("NBALIGN_QUICK", "1")
+    nb = execute_notebook("06_label_and_align.ipynb", tmp_path, kernel_name)
+    assert_no_errors(nb)
+    result = result_of(nb)
+    assert result["status"] == "finished" and result["labelled"] == 4 and result["n"] == 2
+    assert result["pairs"] == result["run_rows"] >= 1
+    with sqlite3.connect(tmp_path / "labels" / "concise.sqlite") as db:
+        labels = db.execute("SELECT choice, origin FROM labels").fetchall()
+        sources = [json.loads(r[0]) for r in db.execute("SELECT source_a FROM items")]
+    assert len(labels) == 4 and {origin for _, origin in labels} == {"human"}
+    assert all(s["model"] == "smollm2-135m" and "sampling" in s for s in sources)
+    assert sum("system" in s for s in sources) not in (0, len(sources)) or len(sources) < 3  # sides shuffled
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "dpo-labels" / "data" / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == result["pairs"] and all(r["labelled_by"] == "human" for r in rows)
+    assert (tmp_path / "labels" / "concise.jsonl").is_file()
