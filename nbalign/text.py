@@ -220,6 +220,15 @@ def joined(messages: Any) -> str:
     return "".join(m.get("content") or "" for m in messages)
 
 
+def plain_prompt(prompt: Any) -> Any:
+    """A one-turn user message list as its text, the form label stores keep prompts in (so a prompt given either
+    way is the same prompt); anything else as it is."""
+    if (isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict)
+            and prompt[0].get("role") == "user"):
+        return prompt[0].get("content")
+    return prompt
+
+
 def last_user_text(prompt: Any) -> str:
     """What the user asked last: the text a reward function or a person reads as "the prompt"."""
     if isinstance(prompt, str):

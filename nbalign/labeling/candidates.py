@@ -21,7 +21,8 @@ from ..errors import NbalignError
 from ..generation import answers_from, check_source, model_of
 from ..generation import check_sampling as settings
 from ..specs import BUILTIN_MODEL
-from .store import _ITEM_COLUMNS, _STANDS, Item, LabelStore, _item
+from ..text import plain_prompt
+from .store import Item, LabelStore
 
 DEFAULT_SAMPLING = {"do_sample": True, "temperature": 0.8, "top_p": 0.95}
 DEFAULT_MAX_NEW_TOKENS = 96
@@ -37,8 +38,7 @@ def check_prompts(prompts: Any) -> list:
         prompts = [prompts]
     out, seen = [], set()
     for i, p in enumerate(prompts if isinstance(prompts, (list, tuple)) else [prompts]):
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], dict) and p[0].get("role") == "user":
-            p = p[0].get("content")
+        p = plain_prompt(p)
         if not ((isinstance(p, str) and p.strip()) or (isinstance(p, list) and p and all(
                 isinstance(m, dict) and m.get("role") and isinstance(m.get("content"), str) for m in p))):
             raise NbalignError(f"Prompt {i} is not a question to answer ({type(p).__name__}: {str(p)[:60]!r}).",
@@ -161,11 +161,7 @@ class CandidateQueue:
         return items
 
     def _undecided(self, floor: int) -> list[Item]:
-        rows = self.store._connect().execute(  # store.undecided() from item `floor` on (+: by id, not by kind)
-            f"SELECT {_ITEM_COLUMNS} FROM items i WHERE +i.kind = ? AND i.id >= ? AND NOT EXISTS (SELECT 1 FROM "
-            f"labels l WHERE l.item = i.id AND l.labeller = ? AND l.origin = 'human' AND {_STANDS}) ORDER BY i.id",
-            (self.kind, floor, self.labeller)).fetchall()
-        return [it for it in map(_item, rows) if it.prompt_key in self.keys]
+        return [it for it in self.store.undecided(self.kind, self.labeller, start=floor) if it.prompt_key in self.keys]
 
     def labelled(self) -> int:
         """This queue's prompts the labeller has decided: read when the queue opened, then kept by mark()."""
@@ -423,8 +419,6 @@ class _Worker:
 
 
 def judge_label(store: LabelStore, item_id: int) -> tuple[str | None, str | None]:
-    """The judge's standing pre-label of one item and its reason (the last judge row not undone), or
-    (None, None): one indexed query."""
-    row = store._connect().execute(f"SELECT l.choice, l.note FROM labels l WHERE l.item = ? AND l.origin = 'judge' AND "
-                                   f"{_STANDS} ORDER BY l.id DESC LIMIT 1", (item_id,)).fetchone()
-    return (None, None) if row is None else (row[0], (json.loads(row[1] or "{}") or {}).get("reason"))
+    """The judge's standing pre-label of one item and its reason, or (None, None)."""
+    choice, note = store.judge_label(item_id)
+    return choice, note.get("reason")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from ..errors import NbalignError
+from ..text import plain_prompt
 from .constitution import DEFAULT_CONSTITUTION, open_store, principles_of
 
 
@@ -35,10 +36,9 @@ def _choice(score: float, margin: float) -> str:
 
 
 def _conversation(prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and prompt[0].get("role") == "user":
-        return prompt[0].get("content") or ""
+    plain = plain_prompt(prompt)
+    if not isinstance(plain, list):
+        return plain or ""
     return "\n".join(f"{m.get('role', 'user')}: {m.get('content') or ''}" for m in prompt)
 
 

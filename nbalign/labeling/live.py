@@ -86,6 +86,7 @@ class LiveTraining:
         self.every = spec.live_every
         self.rounds: list = []
         self.trained_on = 0
+        self._seen: int | None = -1  # the store's newest label id when its rows were last built
         self.error: str | None = None
         self.state = "waiting for labels"
         self._stop = threading.Event()
@@ -173,7 +174,11 @@ class LiveTraining:
         if not self._busy.acquire(blocking=False):
             return False
         try:
+            last = self.store.last_label()
+            if last == self._seen:  # nothing labelled since the last look: no need to rebuild the rows
+                return False
             rows = self._rows()
+            self._seen = last
             if len(rows) - self.trained_on < self.every or self._stop.is_set():
                 if not self.rounds:
                     self._say(f"waiting for labels: {len(rows)} of {self.every} for the first round")

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import NbalignError
 from ..preference_specs import BOTH_BAD, LABELS_FROM, TIES
+from ..text import plain_prompt
 
 
 def now() -> str:
@@ -91,8 +92,8 @@ class TrainingRows:
         """(item, choice, labellers) per decided item: the majority of its labellers' current decisions; an
         even split between different answers is a disagreement, and left out."""
         _check_option("labels_from", labels_from, LABELS_FROM)
-        human, judge = self.votes("human"), self.votes("judge")
-        imported = self.votes("import")
+        log = self.log()  # read once for the three origins
+        human, judge, imported = self.votes("human", log), self.votes("judge", log), self.votes("import", log)
         for item in self.items(kind):
             if labels_from == "judge":
                 votes, who = judge.get(item.id), "judge"
@@ -113,7 +114,7 @@ class TrainingRows:
         kept = ", ".join(f"{v} {k}" for k, v in counts.items())
         summary = f"labels from '{self.path}': {len(rows)} {what} rows ({kept or 'nothing labelled yet'})"
         provenance = {"label_store": str(self.path), "rows": len(rows), "counts": counts, **policy,
-                      "last_label": (self.log() or [{}])[-1].get("id")}
+                      "last_label": self.last_label()}
         return LabelRows(rows, summary, provenance)
 
     def to_dataset(self, kind: str = "pairs", **options):
@@ -162,7 +163,7 @@ class TrainingRows:
                 kind = "single"
             stamp = now()
             for prompt, first, second, choice in rows:
-                prompt, a, b = _plain_prompt(prompt), _text(first), None if second is None else _text(second)
+                prompt, a, b = plain_prompt(prompt), _text(first), None if second is None else _text(second)
                 cur = c.execute("INSERT INTO items (kind, prompt, a, b, source_a, source_b, swapped, created) "
                                 "VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
                                 (kind, json.dumps(prompt), a, b, json.dumps(origin),
@@ -192,13 +193,6 @@ def _text(value: Any) -> str:
     if isinstance(value, list):
         return "\n".join(m.get("content", "") for m in value if isinstance(m, dict))
     return str(value)
-
-
-def _plain_prompt(prompt: Any) -> Any:
-    """A one-turn user prompt as its text; longer conversations as they are."""
-    if isinstance(prompt, list) and len(prompt) == 1 and prompt[0].get("role") == "user":
-        return prompt[0]["content"]
-    return prompt
 
 
 def _check_option(name: str, value: str, allowed: tuple) -> None:

@@ -249,14 +249,22 @@ class LabelStore(TrainingRows):
                                        (kind,) if kind else ()).fetchall()
         return [_item(r) for r in rows]
 
-    def undecided(self, kind: str, labeller: str | None = None) -> list[Item]:
-        """Items of `kind` this labeller has no standing decision on, oldest first (one indexed query: a click
-        costs the same with 10 labels in the store or 10,000)."""
+    def undecided(self, kind: str, labeller: str | None = None, start: int = 0) -> list[Item]:
+        """Items of `kind` from id `start` on that this labeller has no standing decision on, oldest first: one
+        indexed query over the ids from `start` (`+i.kind` keeps SQLite on the id range rather than the
+        (kind, prompt) index), so a click costs the same with 10 labels in the store or 10,000."""
         rows = self._connect().execute(
-            f"SELECT {_ITEM_COLUMNS} FROM items i WHERE i.kind = ? AND NOT EXISTS (SELECT 1 FROM labels l WHERE "
-            f"l.item = i.id AND l.labeller = ? AND l.origin = 'human' AND {_STANDS}) ORDER BY i.id",
-            (kind, labeller or self.labeller)).fetchall()
+            f"SELECT {_ITEM_COLUMNS} FROM items i WHERE +i.kind = ? AND i.id >= ? AND NOT EXISTS (SELECT 1 FROM "
+            f"labels l WHERE l.item = i.id AND l.labeller = ? AND l.origin = 'human' AND {_STANDS}) ORDER BY i.id",
+            (kind, start, labeller or self.labeller)).fetchall()
         return [_item(r) for r in rows]
+
+    def judge_label(self, item_id: int) -> tuple[str | None, dict]:
+        """The standing judge pre-label of one item and its note, or (None, {}): one indexed query."""
+        row = self._connect().execute(
+            f"SELECT l.choice, l.note FROM labels l WHERE l.item = ? AND l.origin = 'judge' AND {_STANDS} "
+            "ORDER BY l.id DESC LIMIT 1", (item_id,)).fetchone()
+        return (None, {}) if row is None else (row[0], json.loads(row[1] or "{}") or {})
 
     def decided_prompts(self, kind: str, labeller: str | None = None) -> list[str]:
         """The stored prompts (JSON text) of `kind` this labeller has decided."""
@@ -315,14 +323,19 @@ class LabelStore(TrainingRows):
                 out[item] = choice
         return out
 
-    def votes(self, origin: str | None = "human") -> dict[int, list[str]]:
+    def votes(self, origin: str | None = "human", log: list[dict] | None = None) -> dict[int, list[str]]:
+        """{item: [each labeller's standing choice]} of `origin`; `log` (from log()) saves reading it again."""
         out: dict[int, list[str]] = {}
-        for (item, _), choice in self._current(origin).items():
+        for (item, _), choice in self._current(origin, log).items():
             out.setdefault(item, []).append(choice)
         return out
 
-    def _current(self, origin: str | None) -> dict[tuple[int, str], str]:
-        rows = self.log()
+    def last_label(self) -> int | None:
+        """The id of the newest label row (None when there is none): it changes whenever anything is labelled."""
+        return self._connect().execute("SELECT MAX(id) FROM labels").fetchone()[0]
+
+    def _current(self, origin: str | None, log: list[dict] | None = None) -> dict[tuple[int, str], str]:
+        rows = self.log() if log is None else log
         undone = {r["undoes"] for r in rows if r["undoes"] is not None}
         current = {}
         for r in rows:
@@ -334,10 +347,11 @@ class LabelStore(TrainingRows):
     def counts(self) -> dict:
         conn = self._connect()
         n_items = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-        human, imported = self._current("human"), self._current("import")
+        log = self.log()
+        human, imported = self._current("human", log), self._current("import", log)
         choices = Counter([*human.values(), *imported.values()])
         given = {item for item, _ in human} | {item for item, _ in imported}
-        return {"items": n_items, "labelled": len(given), "judged": len({i for i, _ in self._current("judge")}),
+        return {"items": n_items, "labelled": len(given), "judged": len({i for i, _ in self._current("judge", log)}),
                 "choices": dict(choices), "labellers": sorted({who for _, who in human})}
 
 
