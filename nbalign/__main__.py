@@ -8,22 +8,28 @@ import argparse
 import sys
 
 
-def demo(out: str, epochs: float) -> int:
+def demo(out: str, epochs: float | None) -> int:
     import nbalign
-    from nbalign.examples import is_json_answer, json_answers
+    from nbalign.examples import json_answers
 
     train, heldout = json_answers("train"), json_answers("heldout")
-    prompts = [row["messages"][0]["content"] for row in heldout]
-    print(f"Teaching smollm2-135m to answer as one-line JSON: {len(train)} examples, {len(prompts)} held out.")
-    before = nbalign.generate("smollm2-135m", prompts, max_new_tokens=48)
-    nbalign.lora(r=16, target_modules="all-linear")
-    run = nbalign.sft(train, out=out, epochs=epochs, overwrite=True)
-    after = run.generate(prompts, max_new_tokens=48)
-    for p, b, a in list(zip(prompts, before, after))[:6]:
-        print(f"\nQ: {p}\n  base : {b[:100]!r}\n  tuned: {a[:100]!r}")
-    ok_before = sum(map(is_json_answer, before))
-    ok_after = sum(map(is_json_answer, after))
-    print(f"\nheld-out answers in the JSON format: base {ok_before}/{len(prompts)}, tuned {ok_after}/{len(prompts)}")
+    print(f"Teaching smollm2-135m to answer as one-line JSON: {len(train)} examples, {len(heldout)} held out.")
+    options = {"epochs": epochs} if epochs else {}
+    # nbalign's defaults throughout: the %sft line with --data, --eval-data and --out and nothing else.
+    run = nbalign.sft(train, eval_data=heldout, out=out, overwrite=True, **options)
+    evaluation = run.evaluation
+    if evaluation is None:
+        print(run)
+        return 1
+    for i, (q, base, tuned) in enumerate(evaluation.examples(n=len(heldout))):
+        before, after = evaluation.marks(i)
+        print(f"\nQ: {q}\n  base : {base[:90]!r}  [{before}]\n  tuned: {tuned[:90]!r}  [{after}]")
+    print()
+    print(evaluation)
+    lost = [q for i, (q, _, _) in enumerate(evaluation.examples(n=len(heldout)))
+            if evaluation.before["right"][i] and not evaluation.after["right"][i]]
+    print(f"\nheld-out answers the base got right and the tuned model got wrong: {len(lost)}"
+          + (f" ({'; '.join(lost)})" if lost else ""))
     print(run)
     return 0 if run.status == "finished" else 1
 
@@ -33,7 +39,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="LoRA SFT of the built-in model on a JSON answer format")
     d.add_argument("--out", default="runs/demo-json-sft")
-    d.add_argument("--epochs", type=float, default=3)
+    d.add_argument("--epochs", type=float, default=None, help="default: %%sft's own default")
     r = sub.add_parser("runs", help="list past runs")
     r.add_argument("root", nargs="?", default="runs")
     p = sub.add_parser("run", help="train a saved spec again: a run folder or its spec.json")

@@ -212,6 +212,7 @@ class AlignmentWatch(TrainerCallback):
         self.cache: dict = {}
         self.first: dict | None = None
         self.last: dict | None = None
+        self.baseline: dict = {}
         self._at: set[int] = set()
 
     def bind(self, trainer) -> None:
@@ -238,19 +239,41 @@ class AlignmentWatch(TrainerCallback):
         logs = {f"watch/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
         if self.trainer is not None:
             state.log_history.append({**logs, "step": state.global_step})
-            self.trainer.callback_handler.on_log(self.trainer.args, state, self.trainer.control, logs)
+            control = self.trainer.control
+            # The handler's on_log clears should_log: keep the trainer's own log of this step (its loss).
+            should_log = control.should_log
+            self.trainer.callback_handler.on_log(self.trainer.args, state, control, logs)
+            control.should_log = should_log
         return result
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
             self.first = self.measure(model, state)
+            self.baseline = self.prompting(model)
             if self.folder is not None:
-                runfolder.save_evaluation_start(self.folder, self.first)
+                runfolder.save_evaluation_start(self.folder, {**self.first, "prompting": self.baseline})
         elif self.folder is not None:  # --resume: the numbers from before training
             self.first = runfolder.read_evaluation_start(self.folder)
+            self.baseline = (self.first or {}).pop("prompting", None) or {}
         if self.points and state.max_steps > 1:
             every = state.max_steps / (self.points + 1)
             self._at = {max(1, round(every * (k + 1))) for k in range(self.points)} - {state.max_steps}
+
+    def prompting(self, model) -> dict:
+        """The cheap ladder first: what the untrained model reaches zero-shot (the first measurement) and with
+        k training examples in the prompt, said before training starts."""
+        from .evaluation import prompting_baseline
+        from .results import shown
+
+        model = getattr(model, "module", model)
+        baseline = prompting_baseline(model, self.tokenizer, self.data, self.max_new_tokens)
+        if baseline:
+            zero, n = self.first, baseline.get("n")
+            print(f"nbalign: prompting alone on the {n} evaluation prompts: zero-shot {shown(zero, 'form')} in the "
+                  f"reference answers' form and {shown(zero, 'content')} with their content; {baseline['k']}-shot "
+                  f"(training examples in the prompt) {shown(baseline, 'form')} in form, {shown(baseline, 'content')} "
+                  "with the content.", flush=True)
+        return baseline
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self._at:

@@ -9,8 +9,13 @@ so no second copy is loaded), on held-out data:
   rejected answers unlikely while the chosen ones get unlikely too, and then its answers do not move;
 - greedy answers to the held-out prompts: how many read like the chosen answer rather than the rejected
   one, and their mean length (the reward-hacking watch);
+- against a reference answer (an SFT row's answer, a pair's chosen one, an up-rated completion): how many
+  answers take its form and how many carry its content (outcomes.py), and where some references refuse,
+  the share refused that should be and the share of innocent prompts over-refused;
 - KL from the reference along those answers, summed over their tokens (exact per token, over the vocabulary);
-- perplexity on general English (the forgetting watch).
+- what may have been lost: a knowledge probe (simple questions checked by content, whatever the form) and
+  perplexity on general English (the forgetting watch);
+- the prompting baseline: the same model with k training examples as demonstrations in the prompt.
 
 `measure()` works on models in memory (the training watch uses it); `evaluate()` loads a run or model.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import io
 import json
 from dataclasses import dataclass, field
@@ -30,7 +36,7 @@ from .errors import NbalignError
 from .preference_specs import DEFAULT_BETA
 from .results import Evaluation, RewardEvaluation
 from .scoring import accuracy_with_ties
-from .text import completion_text, joined
+from .text import assistant_text, completion_text, joined, last_user_text, plain_prompt, to_messages
 
 @dataclass
 class EvalData:
@@ -40,7 +46,30 @@ class EvalData:
     thumbs: list[dict] = field(default_factory=list)  # conversational {"prompt", "completion", "label"}
     general_text: list[str] = field(default_factory=list)
     source: str = "held-out"
-    prompt_list: list = field(default_factory=list)  # prompts alone (online RL): answers, length, KL
+    prompt_list: list = field(default_factory=list)  # prompts alone (online RL, SFT): answers, length, KL
+    reference_of: dict = field(default_factory=dict)  # prompt (as JSON) -> the reference answer's text
+    probe: list = field(default_factory=list)  # the knowledge probe: [(question, [accepted key words])]
+    demos: list = field(default_factory=list)  # few-shot demonstrations: [(prompt messages, answer text)]
+
+    @functools.cached_property
+    def references(self) -> list:
+        """outcomes.Reference of each prompt with a reference answer (None for the others): the chosen answer
+        of a pair, an up-rated completion, or an SFT row's answer."""
+        from .outcomes import references
+
+        texts = dict(self.reference_of)
+        for r in self.pairs:
+            texts.setdefault(json.dumps(r["prompt"]), assistant_text(r["chosen"]))
+        for r in self.thumbs:
+            if r["label"]:
+                texts.setdefault(json.dumps(r["prompt"]), assistant_text(r["completion"]))
+        keys = [json.dumps(p) for p in self.prompts]
+        known = [(i, k) for i, k in enumerate(keys) if k in texts]
+        made = references([texts[k] for _, k in known], [last_user_text(self.prompts[i]) for i, _ in known])
+        out: list = [None] * len(keys)
+        for (i, _), ref in zip(known, made):
+            out[i] = ref
+        return out
 
     @property
     def prompts(self) -> list[list[dict]]:
@@ -55,9 +84,10 @@ class EvalData:
 
 
 def eval_data(data: Any, general_text: Any = None, source: str = "held-out", limit: int = 32,
-              notes: bool = True) -> EvalData:
-    """Held-out pairs or thumbs (any format %%dpo / %%kto accept), at most `limit` of them."""
-    from .data import load_records
+              notes: bool = True, probe: Any = True, demos: list | None = None) -> EvalData:
+    """Held-out pairs, thumbs or demonstrations (any format %%dpo / %%kto / %%sft accept), at most `limit` of
+    them. `demos`: (prompt, answer text) demonstrations for the prompting baseline."""
+    from .data import load_records, to_conversations
     from .preference_data import to_pairs, to_unpaired
 
     records = load_records(data, "evaluation data")[:limit]
@@ -66,10 +96,64 @@ def eval_data(data: Any, general_text: Any = None, source: str = "held-out", lim
     with contextlib.nullcontext() if notes else contextlib.redirect_stdout(io.StringIO()):
         if {"chosen", "rejected"} <= columns:
             result = EvalData(pairs=to_pairs(records, "evaluation data"), source=source)
-        else:
+        elif "label" in columns:
             result = EvalData(thumbs=to_unpaired(records, "evaluation data"), source=source)
+        else:
+            return sft_eval_data(to_conversations(records, "evaluation data"), general_text, source, limit, probe,
+                                 demos)
     result.general_text = general_texts(general_text)
+    result.probe, result.demos = probes(probe), list(demos or [])
     return result
+
+
+def split_turns(row: dict) -> tuple[list[dict], str]:
+    """(the prompt: every message before the last assistant turn, that turn's text) of a normalised SFT row."""
+    messages = row["messages"] if "messages" in row else list(row["prompt"]) + list(row["completion"])
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    start = last
+    while start > 0 and messages[start - 1]["role"] == "assistant":
+        start -= 1
+    return messages[:start], joined(messages[start:last + 1])
+
+
+def sft_eval_data(rows: list[dict], general_text: Any = None, source: str = "held-out", limit: int = 32,
+                  probe: Any = True, demos: list | None = None) -> EvalData:
+    """What an SFT run is measured on: the prompts of normalised conversations (data.to_conversations) with
+    their answers as references, general text, the knowledge probe, and few-shot demonstrations."""
+    result = EvalData(source=source, general_text=general_texts(general_text), probe=probes(probe))
+    for row in rows[:limit]:
+        prompt, answer = split_turns(row)
+        result.prompt_list.append(prompt)
+        result.reference_of.setdefault(json.dumps(prompt), answer)
+    result.demos = list(demos or [])
+    return result
+
+
+def demonstrations(rows: list, k: int) -> list:
+    """k rows spread evenly over the training data (not the first k: data is often grouped by kind)."""
+    if k <= 0 or not rows:
+        return []
+    k = min(k, len(rows))
+    return [rows[((2 * i + 1) * len(rows)) // (2 * k)] for i in range(k)]  # the middle of each k-th
+
+
+def probes(value: Any) -> list[tuple[str, list[str]]]:
+    """The knowledge probe: the built-in questions, none (False), or the user's [{question, answer}] rows (the
+    answer's key words must all be in a right answer; "|" separates accepted alternatives)."""
+    if value is False or value is None:
+        return []
+    if value is True:
+        from .examples import KNOWLEDGE_PROBE
+
+        return list(KNOWLEDGE_PROBE)
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
+            for r in value):
+        return [(r["question"], [w for w in r["answer"].split() if w]) for r in value]
+    raise NbalignError(
+        f"'probe' must be true, false, or a list of {{question, answer}} rows, got {value!r:.80}.",
+        "write e.g. `probe: [{question: 'What is the capital of France?', answer: Paris}]`, or `probe: false`.",
+    )
 
 
 def general_texts(value: Any) -> list[str]:
@@ -137,6 +221,7 @@ def measure(model, tokenizer, data: EvalData, reference, beta: float, max_new_to
     change while the policy trains. `same_as_reference`: the model is the reference (before the first step),
     so its log-probs are the reference's and its KL is zero, without computing either twice."""
     from .generation import generate_with
+    from .outcomes import probe_score
     from .scoring import answer_kl, perplexity, sequence_logps
 
     cache = reference_cache if reference_cache is not None else {}
@@ -188,9 +273,53 @@ def measure(model, tokenizer, data: EvalData, reference, beta: float, max_new_to
                 ])
                 kls = answer_kl(model, reference, tokenizer, list(heads), list(tails))
                 out["kl"] = sum(kls) / len(kls)
+            out.update(answer_scores(answers, data.references))
+        if data.probe:
+            asked = generate_with(model, tokenizer, [q for q, _ in data.probe], max_new_tokens=PROBE_TOKENS,
+                                  batch_size=16)
+            out.update(probe_score(asked, data.probe), probe_answers=asked, probe_questions=[q for q, _ in data.probe])
         if data.general_text:
             out["perplexity"] = perplexity(model, tokenizer, data.general_text)
     return out
+
+
+# The probe's answers are short facts: they come early in an answer.
+PROBE_TOKENS = 40
+
+
+def answer_scores(answers: list[str], refs: list) -> dict:
+    """outcomes.scores over the answers that have a reference, with per-answer flags for every answer."""
+    from .outcomes import scores
+
+    have = [(a, r) for a, r in zip(answers, refs) if r is not None]
+    if not have:
+        return {}
+    out = scores([a for a, _ in have], [r for _, r in have])
+    flags = iter(zip(out.pop("right"), out.pop("in_form")))
+    per = [next(flags) if r is not None else (None, None) for r in refs]
+    out["right"], out["in_form"] = [p[0] for p in per], [p[1] for p in per]
+    return out
+
+
+def prompting_baseline(model, tokenizer, data: EvalData, max_new_tokens: int = 64) -> dict:
+    """What prompting alone reaches on the held-out prompts: the same model answering with the demonstrations
+    as earlier turns of the conversation (k-shot). Zero-shot is the evaluation's "before"."""
+    from .generation import generate_with
+
+    if not data.demos or not any(r is not None for r in data.references):
+        return {}
+    prompts = [fewshot_prompt(data.demos, p) for p in data.prompts]
+    with _eval_mode(model):
+        answers = generate_with(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8)
+    scored = answer_scores(answers, data.references)
+    return {"k": len(data.demos), **scored, "answers": answers,
+            "demos": [{"prompt": plain_prompt(p), "answer": a} for p, a in data.demos]}
+
+
+def fewshot_prompt(demos: list, prompt: Any) -> list[dict]:
+    """`prompt` after the demonstrations as earlier turns: [user, assistant] * k, then the prompt's turns."""
+    turns = [m for p, a in demos for m in (*to_messages(p), {"role": "assistant", "content": a})]
+    return [*turns, *to_messages(prompt)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,8 +327,10 @@ def measure(model, tokenizer, data: EvalData, reference, beta: float, max_new_to
 
 
 def evaluate(model: str, data: Any, reference: str | None = None, beta: float | None = None,
-             general_text: Any = None, max_new_tokens: int = 64, limit: int = 32) -> Evaluation:
-    """Evaluate a run (or any model) against its reference on held-out pairs or thumbs.
+             general_text: Any = None, max_new_tokens: int = 64, limit: int = 32, probe: Any = True) -> Evaluation:
+    """Evaluate a run (or any model) against its reference on held-out pairs, thumbs or demonstrations (SFT
+    rows): answers before and after, their form and content against the reference answers, the knowledge
+    probe, perplexity on general text, and for preference data the implicit reward's accuracy and margin.
 
     For a run trained with an adapter the reference is the model it started from, obtained by switching the
     adapter off; pass `reference=` to compare with another model (it is then loaded as a second model).
@@ -213,7 +344,7 @@ def evaluate(model: str, data: Any, reference: str | None = None, beta: float | 
         return reward_accuracy(run, data)
     if beta is None:
         beta = spec.get("trl_config", {}).get("beta") or DEFAULT_BETA
-    data_ = eval_data(data, general_text, limit=limit)
+    data_ = eval_data(data, general_text, limit=limit, probe=probe)
     with quiet():
         policy, ref_ctx, tokenizer, holder = _load_pair(model, run, spec, reference)
         try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import NbalignError, nearest
-from .specs import TrainSpec, choice, coerce, opt
+from .specs import TrainSpec, WatchSpec, choice, coerce, opt
 
 
 PRECOMPUTE = ("auto", True, False)
@@ -22,15 +22,11 @@ TIES_HELP = ("label-store data: drop ties, or both_ways (each tie as the pair in
 
 
 @dataclass
-class PreferenceSpec(TrainSpec):
+class PreferenceSpec(WatchSpec):
     """Options shared by the methods that learn from comparisons: the evaluation they show, the reference."""
 
     trl_aliases: typing.ClassVar[dict] = {**TrainSpec.trl_aliases, "precompute_ref_log_probs": "precompute_ref"}
 
-    watch: bool = opt(True, "measure the evaluation before, during and after training (shown at the end)")
-    general_text: Any = opt(None, "text for the forgetting watch (perplexity before/after); default: built-in English")
-    eval_points: int = opt(2, "evaluations during training, for the curves (0: only before and after)")
-    eval_max_new_tokens: int = opt(64, "tokens generated per held-out prompt for the length and KL watch")
     precompute_ref: Any = opt("auto", "compute reference log-probs once before training: auto (when cheaper), true, false")
     labels_from: str = opt("human", "label-store data: whose labels train: human, judge (AI labels) or any "
                            "(a human's where given, else the judge's)")
@@ -45,10 +41,6 @@ class PreferenceSpec(TrainSpec):
         choice("live_mode", self.live_mode, ("auto", "background", "rounds"), self.where)
         if self.live_every < 1:
             raise NbalignError(f"{self.where}: 'live_every' must be 1 or more.", "use e.g. live_every: 8.")
-        if self.eval_points < 0:
-            raise NbalignError(f"{self.where}: 'eval_points' must be 0 or more.", "use e.g. 4.")
-        if self.eval_max_new_tokens < 1:
-            raise NbalignError(f"{self.where}: 'eval_max_new_tokens' must be positive.", "use e.g. 64.")
         if isinstance(self.precompute_ref, str) and self.precompute_ref.lower() != "auto":
             self.precompute_ref = coerce("precompute_ref", self.precompute_ref, bool, self.where)
         choice("precompute_ref", self.precompute_ref, PRECOMPUTE, self.where)
@@ -251,3 +243,10 @@ class RLHFSpec(TrainSpec):
             )
         if self.max_completion_length < 1:
             raise NbalignError("%%rlhf: 'max_completion_length' must be positive.", "use e.g. 64.")
+        if self.replay:
+            raise NbalignError(
+                "%%rlhf: replay mixes general rows with answers into the training data, but online RL learns from "
+                "answers it samples and scores with the reward, which knows nothing of general questions.",
+                "keep the policy near the reference with a larger beta (the KL penalty, e.g. beta: 0.1), or replay "
+                "in the %%sft run this one starts from.",
+            )

@@ -4,14 +4,21 @@ reward model's pairwise accuracy (RewardEvaluation), and their evaluation.json i
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import runfolder
 from .text import joined
 
-# Metric name -> (label, format)
+# Metric name -> (label, format); "count" shows k/n (how many of the answers), "share" a percentage.
 METRICS = {
+    "form": ("answers in the reference answer's form", "count"),
+    "content": ("answers carrying the reference answer's content", "count"),
+    "refused": ("harmful prompts refused (the reference refuses)", "share"),
+    "over_refused": ("innocent prompts refused (over-refusal)", "share"),
+    "degenerate": ("degenerate answers (empty, repeating)", "share"),
+    "probe": ("knowledge probe answered right", "count"),
     "accuracy": ("preference accuracy", "{:.2f}"),
     "margin": ("reward margin (chosen - rejected)", "{:.3f}"),
     "chosen_logp_change": ("chosen answers' log-likelihood change per token", "{:+.3f}"),
@@ -21,6 +28,42 @@ METRICS = {
     "perplexity": ("perplexity on general text", "{:.2f}"),
     "label_accuracy": ("thumbs label accuracy", "{:.2f}"),
 }
+COUNTS = {"form": ("form_n", "n"), "content": ("content_n", "n"), "probe": ("probe_n", None)}
+# Shown beside the tuned model: what prompting alone reached (the baseline's own numbers).
+BASELINE_KEYS = ("form", "content", "refused", "over_refused", "degenerate")
+
+
+def shown(values: dict, key: str) -> str:
+    """One metric as the table shows it: "12/16" for counts, "25%" for shares, else its format."""
+    if key not in values:
+        return "-"
+    fmt = METRICS[key][1]
+    if fmt == "count":
+        got, of = COUNTS[key]
+        total = values.get(of) if of else round(values[got] / values[key]) if values[key] else None
+        return f"{values[got]}/{total}" if total is not None and got in values else f"{values[key]:.0%}"
+    if fmt == "share":
+        return f"{values[key]:.0%}"
+    return fmt.format(values[key])
+
+
+def significant_loss(before: list | None, after: list | None, level: float = 0.05) -> bool:
+    """More questions went from right to wrong than chance would flip (a one-sided sign test on the changed
+    answers, McNemar's exact test): a tiny model's greedy answers flip both ways after any change, so a drop
+    of one or two right answers is not yet forgetting."""
+    if not before or not after:
+        return False
+    lost = sum(1 for x, y in zip(before, after) if x and not y)
+    gained = sum(1 for x, y in zip(before, after) if y and not x)
+    n = lost + gained
+    p = sum(math.comb(n, k) for k in range(lost, n + 1)) / 2 ** n if n else 1.0
+    return lost - gained >= 2 and p < level
+
+
+def drop(before: dict, after: dict, key: str) -> int:
+    """How many fewer right answers `after` has than `before` (counts), 0 when not measured."""
+    got = COUNTS[key][0]
+    return before[got] - after[got] if got in before and got in after else 0
 
 
 
@@ -32,6 +75,7 @@ class Evaluation:
     after: dict
     source: str = "held-out"
     prompts: list = field(default_factory=list)
+    baseline: dict = field(default_factory=dict)  # prompting alone: k-shot answers and their scores
 
     @property
     def warnings(self) -> list[str]:
@@ -59,23 +103,67 @@ class Evaluation:
             notes.append(
                 f"Perplexity on general text rose {a['perplexity'] / b['perplexity']:.2f}x "
                 f"({b['perplexity']:.1f} -> {a['perplexity']:.1f}): the model is forgetting. Lower the learning "
-                "rate or epochs, or raise beta."
+                "rate or epochs, mix general data back in (replay: 0.2), or for preference methods raise beta."
+            )
+        return notes + self._outcome_warnings()
+
+    def _outcome_warnings(self) -> list[str]:
+        """What the behaviour asked for changed, and what it cost: form against content, the probe, refusals."""
+        b, a, notes = self.before, self.after, []
+        fix = "lower the learning rate or epochs, or mix general data back in (replay: 0.2)"
+        if a.get("form_n", 0) > b.get("form_n", 0) and drop(b, a, "content") >= max(1, round(0.1 * a.get("n", 0))):
+            notes.append(
+                f"The answers took the reference form ({shown(b, 'form')} -> {shown(a, 'form')}) but fewer carry "
+                f"its content ({shown(b, 'content')} -> {shown(a, 'content')}): the model learnt the format and "
+                f"lost the facts it was meant to carry. Read the answers below; {fix}."
+            )
+        if significant_loss(b.get("probe_right"), a.get("probe_right")):
+            notes.append(
+                f"The knowledge probe dropped ({shown(b, 'probe')} -> {shown(a, 'probe')} simple questions answered "
+                f"right, checked by content whatever the form): the model is forgetting what it knew. {fix[0].upper()}"
+                f"{fix[1:]}."
+            )
+        if a.get("over_refused", 0) > 0.2 and a["over_refused"] > b.get("over_refused", 0):
+            notes.append(
+                f"Over-refusal: {a['over_refused']:.0%} of the innocent prompts are refused (before: "
+                f"{b.get('over_refused', 0):.0%}). The model refuses by surface words; add innocent prompts that "
+                "share the harmful ones' words, answered helpfully (or as pairs where the refusal is rejected)."
+            )
+        if a.get("degenerate", 0) > 0.1 and a["degenerate"] > b.get("degenerate", 0):
+            notes.append(
+                f"{a['degenerate']:.0%} of the answers are degenerate (empty or one phrase repeated): the run "
+                f"over-fitted; {fix}."
+            )
+        p = self.baseline
+        if p and "form_n" in p and "form_n" in a and p["form_n"] >= a["form_n"] and p.get("content_n", 0) >= a.get(
+                "content_n", 0) and p["form_n"] > b.get("form_n", 0):
+            notes.append(
+                f"{p['k']}-shot prompting (no training) reached as much: {shown(p, 'form')} in form and "
+                f"{shown(p, 'content')} right, against {shown(a, 'form')} and {shown(a, 'content')} after tuning. "
+                "Prompting may be all this task needs."
             )
         return notes
 
     def to_dict(self) -> dict:
-        strip = lambda d: {k: v for k, v in d.items() if k != "answers"}  # noqa: E731
-        return {"source": self.source, "before": strip(self.before), "after": strip(self.after),
-                "warnings": self.warnings}
+        strip = lambda d: {k: v for k, v in d.items() if not isinstance(v, list)}  # noqa: E731
+        out = {"source": self.source, "before": strip(self.before), "after": strip(self.after),
+               "warnings": self.warnings}
+        if self.baseline:
+            out["prompting"] = {**strip(self.baseline), "demos": self.baseline.get("demos", []),
+                                "answers": self.baseline.get("answers", [])}
+        return out
 
     def summary(self) -> dict:
-        """Flat numbers for a run's summary: `<metric>` after, `<metric>_before` before."""
+        """Flat numbers for a run's summary: `<metric>` after, `<metric>_before` before, `<metric>_prompting`
+        for the few-shot baseline."""
         out = {}
         for key in METRICS:
             if key in self.after:
                 out[key] = round(self.after[key], 4)
                 if key in self.before:
                     out[f"{key}_before"] = round(self.before[key], 4)
+                if key in self.baseline and key in BASELINE_KEYS:
+                    out[f"{key}_prompting"] = round(self.baseline[key], 4)
         return out
 
     def examples(self, n: int = 4) -> list[tuple[str, str, str]]:
@@ -83,34 +171,60 @@ class Evaluation:
         before, after = self.before.get("answers", []), self.after.get("answers", [])
         return [(joined(p), b, a) for p, b, a in zip(self.prompts, before, after)][:n]
 
+    def marks(self, i: int) -> tuple[str, str]:
+        """(before, after) verdicts on answer i against its reference: "in form, right", "not in form, wrong", ...
+        ("" where it had no reference)."""
+        def mark(values: dict) -> str:
+            form, right = (_at(values.get(k), i) for k in ("in_form", "right"))
+            if form is None or right is None:
+                return ""
+            return f"{'in form' if form else 'not in form'}, {'right' if right else 'wrong'}"
+
+        return mark(self.before), mark(self.after)
+
+    def _columns(self) -> tuple[list, bool]:
+        rows = [(key, label) for key, (label, _) in METRICS.items() if key in self.after]
+        return rows, any(k in self.baseline for k, _ in rows if k in BASELINE_KEYS)
+
+    def _prompting_cell(self, key: str) -> str:
+        return shown(self.baseline, key) if key in BASELINE_KEYS and key in self.baseline else ""
+
     def __repr__(self) -> str:
+        rows, fewshot = self._columns()
         lines = [f"Evaluation on {self.source} data:"]
-        for key, (label, fmt) in METRICS.items():
-            if key in self.after:
-                before = fmt.format(self.before[key]) if key in self.before else "-"
-                lines.append(f"  {label:<50} {before:>8} -> {fmt.format(self.after[key])}")
+        if fewshot:
+            lines.append(f"  {'':<50} {'before':>8}    {'after':<8}   {self.baseline.get('k')}-shot prompting")
+        for key, label in rows:
+            extra = f"   {self._prompting_cell(key):>8}" if fewshot else ""
+            lines.append(f"  {label:<50} {shown(self.before, key):>8} -> {shown(self.after, key):<8}{extra}")
         lines += [f"  ! {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><td>{html.escape(label)}</td><td>{fmt.format(self.before[key]) if key in self.before else '-'}</td>"
-            f"<td><b>{fmt.format(self.after[key])}</b></td></tr>"
-            for key, (label, fmt) in METRICS.items()
-            if key in self.after
+        rows, fewshot = self._columns()
+        head = f"<th>{self.baseline.get('k')}-shot prompting</th>" if fewshot else ""
+        table = "".join(
+            f"<tr><td>{html.escape(label)}</td><td>{shown(self.before, key)}</td><td><b>{shown(self.after, key)}</b>"
+            f"</td>" + (f"<td>{self._prompting_cell(key)}</td>" if fewshot else "") + "</tr>"
+            for key, label in rows
         )
         warn = "".join(f"<li>{html.escape(w)}</li>" for w in self.warnings)
-        shown = "".join(
-            f"<tr><td>{html.escape(p)}</td><td>{html.escape(b)}</td><td>{html.escape(a)}</td></tr>"
-            for p, b, a in self.examples()
+        answers = "".join(
+            f"<tr><td>{html.escape(p)}</td><td>{html.escape(b)}<br><small>{m[0]}</small></td>"
+            f"<td>{html.escape(a)}<br><small>{m[1]}</small></td></tr>"
+            for i, (p, b, a) in enumerate(self.examples(n=8)) for m in [self.marks(i)]
         )
         return (
             f"<div><b>Evaluation</b> on {html.escape(self.source)} data<table><tr><th>metric</th><th>before</th>"
-            f"<th>after</th></tr>{rows}</table>"
+            f"<th>after</th>{head}</tr>{table}</table>"
             + (f"<ul style='color:#a60'>{warn}</ul>" if warn else "")
-            + (f"<table><tr><th>prompt</th><th>before</th><th>after</th></tr>{shown}</table>" if shown else "")
+            + (f"<table><tr><th>prompt</th><th>before</th><th>after</th></tr>{answers}</table>" if answers else "")
             + "</div>"
         )
+
+
+def _at(values: list | None, i: int):
+    return values[i] if values and i < len(values) else None
 
 
 class RewardEvaluation(dict):
@@ -137,8 +251,28 @@ class RewardEvaluation(dict):
 
 def save(evaluation: Evaluation, folder: Path) -> None:
     payload = evaluation.to_dict()
-    payload["examples"] = [{"prompt": p, "before": b, "after": a} for p, b, a in evaluation.examples(n=100)]
+    payload["examples"] = [
+        {"prompt": p, "before": b, "after": a, **_flags(evaluation, i)}
+        for i, (p, b, a) in enumerate(evaluation.examples(n=100))
+    ]
+    probe = [(q, x, y) for q, x, y in zip(evaluation.before.get("probe_questions", []),
+                                          evaluation.before.get("probe_answers", []),
+                                          evaluation.after.get("probe_answers", []))]
+    if probe:
+        payload["probe"] = [{"question": q, "before": x, "after": y,
+                             "right_before": evaluation.before["probe_right"][i],
+                             "right_after": evaluation.after["probe_right"][i]} for i, (q, x, y) in enumerate(probe)]
     runfolder.save_evaluation(Path(folder), payload)
+
+
+def _flags(evaluation: Evaluation, i: int) -> dict:
+    out = {}
+    for side, values in (("before", evaluation.before), ("after", evaluation.after)):
+        for key in ("in_form", "right"):
+            flags = values.get(key) or []
+            if i < len(flags) and flags[i] is not None:
+                out[f"{key}_{side}"] = bool(flags[i])
+    return out
 
 
 def load(folder: Path) -> Evaluation | RewardEvaluation | None:
@@ -150,5 +284,8 @@ def load(folder: Path) -> Evaluation | RewardEvaluation | None:
     examples = payload.get("examples", [])
     before = {**payload["before"], "answers": [e["before"] for e in examples]}
     after = {**payload["after"], "answers": [e["after"] for e in examples]}
+    for side, values in (("before", before), ("after", after)):
+        for key in ("in_form", "right"):
+            values[key] = [e.get(f"{key}_{side}") for e in examples]
     prompts = [[{"role": "user", "content": e["prompt"]}] for e in examples]
-    return Evaluation(before, after, payload.get("source", "held-out"), prompts)
+    return Evaluation(before, after, payload.get("source", "held-out"), prompts, payload.get("prompting", {}))

@@ -275,6 +275,11 @@ class TrainSpec(Spec):
         "the adapter for this run: a mapping of %%lora fields or 'full', applied over the session's %%lora "
         "setting (spec.json records the whole adapter)",
     )
+    replay: float = opt(
+        0.0,
+        "share of the training rows that are general questions answered by the base model itself (built in, "
+        "offline), mixed in against forgetting; e.g. 0.2",
+    )
     trl: dict = opt(None, "extra TRL config fields, passed through unchanged", line=False, factory=dict)
 
     @classmethod
@@ -343,10 +348,45 @@ class TrainSpec(Spec):
             )
         if self.out is not None and not str(self.out).strip():
             raise NbalignError(f"%%{self.method}: --out is empty.", "give a folder, e.g. --out runs/run1.")
+        if not 0 <= self.replay < 1:
+            raise NbalignError(
+                f"%%{self.method}: 'replay' is the share of the training rows that are general replay rows, from 0 "
+                f"up to (not including) 1; got {self.replay}.",
+                "use e.g. replay: 0.2 (a fifth of the rows), or 0 for none.",
+            )
 
 
 @dataclass
-class SFTSpec(TrainSpec):
+class WatchSpec(TrainSpec):
+    """Options of the methods that show what training changed and what it cost (the evaluation watch)."""
+
+    watch: bool = opt(True, "measure the evaluation before, during and after training (shown at the end)")
+    general_text: Any = opt(None, "text for the forgetting watch (perplexity before/after); default: built-in English")
+    eval_points: int = opt(2, "evaluations during training, for the curves (0: only before and after)")
+    eval_max_new_tokens: int = opt(64, "tokens generated per held-out prompt (answers, their form, content, length, KL)")
+    probe: Any = opt(
+        True,
+        "the knowledge probe: simple factual and arithmetic questions the base answers right, checked by content "
+        "before and after (the forgetting watch); false to skip, or your own [{question, answer}] rows",
+    )
+    fewshot: int = opt(
+        3,
+        "the prompting baseline: before training, answer the held-out prompts with this many training examples as "
+        "demonstrations in the prompt (0: skip); shown beside the tuned result",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.eval_points < 0:
+            raise NbalignError(f"{self.where}: 'eval_points' must be 0 or more.", "use e.g. 4.")
+        if self.eval_max_new_tokens < 1:
+            raise NbalignError(f"{self.where}: 'eval_max_new_tokens' must be positive.", "use e.g. 64.")
+        if self.fewshot < 0:
+            raise NbalignError(f"{self.where}: 'fewshot' must be 0 or more.", "use e.g. fewshot: 3, or 0 to skip.")
+
+
+@dataclass
+class SFTSpec(WatchSpec):
     """Supervised fine-tuning on demonstrations (messages, prompt/completion, or Alpaca columns)."""
 
     method: typing.ClassVar[str] = "sft"
@@ -354,3 +394,16 @@ class SFTSpec(TrainSpec):
 
     completion_only_loss: bool = opt(True, "loss on assistant/completion tokens only (false: every token)")
     packing: bool = opt(False, "pack several short examples into one max_length row")
+    eval_split: float = opt(
+        0.1,
+        "without --eval-data: the share of the training rows held out (not trained on) for the evaluation, when "
+        "there are 20 rows or more; 0 trains on every row and evaluates on a sample of them, labelled as such",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.eval_split <= 0.5:
+            raise NbalignError(
+                f"%%sft: 'eval_split' must be from 0 to 0.5, got {self.eval_split}.",
+                "use e.g. eval_split: 0.1, or 0 to train on every row.",
+            )

@@ -18,19 +18,24 @@ def rss_mib() -> float:
 
 def test_sft_teaches_the_builtin_model_a_one_line_json_format(in_tmp):
     train, heldout = json_answers("train"), json_answers("heldout")
-    prompts = [row["messages"][0]["content"] for row in heldout]
-    before = nbalign.generate("smollm2-135m", prompts, max_new_tokens=40)
     nbalign.lora(r=16, alpha=32, target_modules="all-linear")
     # All 51 rows: half of them (26 rows, 12 steps) left 0 of 16 held-out answers in the format (measured).
-    run = nbalign.sft(train, out="runs/json", epochs=3)  # %%sft's defaults otherwise
-    after = run.generate(prompts, max_new_tokens=40)
+    # The run's own evaluation answers the held-out prompts before and after (greedy, 64 new tokens).
+    run = nbalign.sft(train, eval_data=heldout, out="runs/json", epochs=3, eval_points=0)  # defaults otherwise
+    evaluation = run.evaluation
+    before, after = evaluation.before["answers"], evaluation.after["answers"]
     ok_before, ok_after = sum(map(is_json_answer, before)), sum(map(is_json_answer, after))
-    print(f"held-out JSON answers: base {ok_before}/16, tuned {ok_after}/16")
+    print(evaluation)
     assert ok_before <= 2, before
     assert ok_after >= 14, after
+    # The evaluation's form count is the same reading of the same answers.
+    assert evaluation.after["form_n"] >= ok_after and evaluation.before["form_n"] == ok_before
     # A valid answer is the whole output, so those stopped right after the object (the end-of-turn
     # token was learned) instead of running on to max_new_tokens as prose.
     assert sum(map(len, after)) < 0.8 * sum(map(len, before)), (before, after)
+    # What it cost is measured too, whatever it was: content against the references, the probe, perplexity.
+    assert {"content_n", "probe_n", "perplexity"} <= set(evaluation.after)
+    assert evaluation.before["content_n"] >= 6 and evaluation.before["probe_n"] >= 18  # the base knows these
 
 
 def test_rerunning_a_training_cell_does_not_grow_memory(in_tmp):

@@ -394,3 +394,27 @@ def _summary(trainer, result) -> dict:
         summary["tokens"] = int(tokens)
         summary["tokens_per_s"] = round(tokens / metrics["train_runtime"], 1)
     return {k: v for k, v in summary.items() if v is not None}
+
+
+def demos(rows: list, k: int) -> list:
+    """k (prompt, answer) demonstrations spread over the training rows, for the prompting baseline."""
+    from ..evaluation import demonstrations, split_turns
+
+    return [split_turns(r) for r in demonstrations(rows, k)]
+
+
+def watch_summary(watch, out) -> dict:
+    """The watch's start and end measurements as an Evaluation: printed, saved to evaluation.json, and
+    flattened into the run's summary."""
+    from ..results import Evaluation, save
+
+    if watch is None or watch.first is None or watch.last is None:
+        return {}
+    before = dict(watch.first)
+    # At step 0 the policy is the reference: its implicit rewards are all zero (chance) and its KL is zero.
+    before.update({k: v for k, v in (("accuracy", 0.5), ("margin", 0.0), ("chosen_logp_change", 0.0),
+                                     ("label_accuracy", 0.5), ("kl", 0.0)) if k in watch.last})
+    evaluation = Evaluation(before, watch.last, watch.data.source, watch.data.prompts, watch.baseline)
+    save(evaluation, out)
+    print(evaluation, flush=True)
+    return evaluation.summary()

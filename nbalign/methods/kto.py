@@ -32,6 +32,7 @@ def balance(n_up: int, n_down: int, spec: KTOSpec) -> tuple[float, float, str | 
 
 class KTO(PreferenceMethod):
     name = "kto"
+    replay_kind = "thumbs"
 
     def config_class(self, spec):
         from trl import KTOConfig

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+from .. import mixing
 from ..data import load_records
+from ..text import assistant_text
 from ..preference_data import check_prompt_lengths
 from ..preference_specs import PreferenceSpec
 from . import base
@@ -11,6 +13,8 @@ from . import base
 
 class PreferenceMethod(base.Method):
     """A base.Method that measures nbalign.evaluate's metrics while it trains (see callbacks.AlignmentWatch)."""
+
+    replay_kind = "pairs"  # the rows replay mixes in (mixing.rows)
 
     # Subclasses: rows(spec, records, what, held_out) -> normalised rows; beta(spec) -> the implicit reward's beta.
     def rows(self, spec, records: list[dict], what: str, held_out: bool = False) -> list[dict]:
@@ -24,6 +28,11 @@ class PreferenceMethod(base.Method):
 
         train_records = load_records(spec.data, "training data")
         train_rows = self.rows(spec, train_records, "training data")
+        replay = mixing.rows(spec.model, mixing.count(len(train_rows), spec.replay), self.replay_kind, spec.where)
+        if replay:
+            print(f"nbalign: replay: {len(replay)} general questions answered by the base model itself are mixed "
+                  f"into the {len(train_rows)} training rows ({spec.replay:.0%} of the rows).", flush=True)
+            train_rows = train_rows + self.rows(spec, replay, "replay rows")
         check_prompt_lengths(train_rows, tokenizer, spec.max_length, "training data", spec.where)
         evals, eval_records = None, None
         if spec.eval_data is not None:
@@ -33,7 +42,8 @@ class PreferenceMethod(base.Method):
             # With the watch on, the held-out data goes to it (AlignmentWatch measures the implicit-reward
             # accuracy TRL's evaluation would, plus answers, KL and perplexity); evaluating twice doubles the cost.
             evals = None if spec.watch else Dataset.from_list(eval_rows)
-        state = {"train_records": train_records, "eval_records": eval_records, "rows": train_rows}
+        state = {"train_records": train_records, "eval_records": eval_records, "rows": train_rows,
+                 "demos": demos(train_rows[:len(train_rows) - len(replay)], spec.fewshot)}
         return base.Prepared(Dataset.from_list(train_rows), evals, len(train_rows), state)
 
     def precompute(self, spec, steps: int, n_rows: int) -> bool:
@@ -59,31 +69,24 @@ class PreferenceMethod(base.Method):
         spec = plan.spec
         if not spec.watch:
             return []
+        more = dict(notes=False, probe=spec.probe, demos=plan.state["demos"])
         if plan.state["eval_records"] is not None:
-            data = eval_data(plan.state["eval_records"], spec.general_text, source="held-out", limit=32, notes=False)
+            data = eval_data(plan.state["eval_records"], spec.general_text, source="held-out", limit=32, **more)
         else:  # no held-out data: watch a sample of the training rows, and say so
             data = eval_data(plan.state["train_records"], spec.general_text,
-                             source="training (no eval_data given)", limit=16, notes=False)
+                             source="training (no eval_data given)", limit=16, **more)
         plan.state["watch"] = AlignmentWatch(data, plan.tokenizer, self.beta(spec), spec.eval_points,
                                              spec.eval_max_new_tokens, folder=plan.out)
         return [plan.state["watch"]]
 
     def finish(self, plan: base.Plan, trainer) -> dict:
-        return watch_summary(plan.state.get("watch"), plan.out)
+        return base.watch_summary(plan.state.get("watch"), plan.out)
 
 
-def watch_summary(watch, out) -> dict:
-    """The watch's start and end measurements as an Evaluation: printed, saved to evaluation.json, and
-    flattened into the run's summary."""
-    from ..results import Evaluation, save
+def demos(rows: list[dict], k: int) -> list:
+    """k (prompt, preferred answer) demonstrations from normalised pairs or thumbs-up rows."""
+    from ..evaluation import demonstrations
 
-    if watch is None or watch.first is None or watch.last is None:
-        return {}
-    before = dict(watch.first)
-    # At step 0 the policy is the reference: its implicit rewards are all zero (chance) and its KL is zero.
-    before.update({k: v for k, v in (("accuracy", 0.5), ("margin", 0.0), ("chosen_logp_change", 0.0),
-                                     ("label_accuracy", 0.5), ("kl", 0.0)) if k in watch.last})
-    evaluation = Evaluation(before, watch.last, watch.data.source, watch.data.prompts)
-    save(evaluation, out)
-    print(evaluation, flush=True)
-    return evaluation.summary()
+    good = [(r["prompt"], assistant_text(r["chosen"] if "chosen" in r else r["completion"]))
+            for r in rows if "chosen" in r or r.get("label")]
+    return demonstrations(good, k)

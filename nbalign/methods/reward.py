@@ -4,7 +4,7 @@ computed (scoring.py) on exactly the text TRL trained on."""
 
 from __future__ import annotations
 
-from .. import runfolder
+from .. import mixing, runfolder
 from ..data import load_records
 from ..errors import NbalignError
 from ..preference_data import check_prompt_lengths, to_pairs
@@ -33,8 +33,13 @@ class RewardMethod(base.Method):
 
         pairs = {}
 
-        def prepare(data, what):
+        def prepare(data, what, replay: float = 0.0):
             rows = to_pairs(load_records(data, what), what)
+            extra = mixing.rows(spec.model, mixing.count(len(rows), replay), "pairs", spec.where)
+            if extra:
+                print(f"nbalign: replay: {len(extra)} pairs of the base model's own right answer against its answer "
+                      f"to another question are mixed into the {len(rows)} training pairs.", flush=True)
+                rows = rows + to_pairs(extra, "replay rows")
             check_prompt_lengths(rows, tokenizer, spec.max_length, what, spec.where)
             _check_pair_lengths(rows, tokenizer, spec, what)
             pairs[what] = rows
@@ -44,7 +49,7 @@ class RewardMethod(base.Method):
                          "rejected": joined(r["rejected"])} for r in rows]
             return Dataset.from_list(rows), len(rows)
 
-        train, n = prepare(spec.data, "training data")
+        train, n = prepare(spec.data, "training data", spec.replay)
         evals = prepare(spec.eval_data, "eval data")[0] if spec.eval_data is not None else None
         # The conversational pairs as checked, for the final evaluation.
         return base.Prepared(train, evals, n, {"pairs": pairs})

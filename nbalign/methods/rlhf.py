@@ -146,7 +146,7 @@ class RLHF(base.Method):
         return trainer
 
     def finish(self, plan: base.Plan, trainer) -> dict:
-        from .preference import watch_summary
+        from .base import watch_summary
 
         summary = rl_summary(trainer.state.log_history)
         if summary.get("reward_first") is None:
