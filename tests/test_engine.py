@@ -81,7 +81,10 @@ def test_bad_runs_fail_before_anything_is_written(tiny_model, in_tmp, options, m
 )
 def test_dora_full_and_qlora_train_and_save(tiny_model, in_tmp, adapter, saved):
     nbalign.lora(model=tiny_model, **adapter)
-    run = nbalign.sft(chats(8), model=tiny_model, out="runs/a", epochs=1, batch_size=4, learning_rate=1e-3)
+    # No evaluation watch: generating with bitsandbytes' 4-bit CPU kernels fails on the tiny model's 16-wide
+    # layers (shape '[32, 0]'); the built-in model's QLoRA run (test_behaviour) evaluates as usual.
+    run = nbalign.sft(chats(8), model=tiny_model, out="runs/a", epochs=1, batch_size=4, learning_rate=1e-3,
+                      watch=False)
     assert run.status == "finished" and (in_tmp / "runs/a" / saved / "config.json").exists() == (saved == "model")
     config = json.loads((in_tmp / "runs/a/spec.json").read_text())["spec"]["lora"]
     assert config == {**config, **adapter}
