@@ -44,7 +44,7 @@ def test_rerunning_a_training_cell_does_not_grow_memory(in_tmp):
     data = json_answers("train")[:2]
     sizes = []
     for _ in range(3):
-        nbalign.sft(data, out="runs/again", overwrite=True, batch_size=2, max_steps=1)
+        nbalign.sft(data, out="runs/again", overwrite=True, batch_size=2, max_steps=1, watch=False)
         assert live_models() == 0
         sizes.append(rss_mib())
     # The first run warms up (imports, allocator pools); the next reruns of the same cell must not add a copy.
@@ -58,7 +58,7 @@ def test_qlora_trains_the_builtin_model_on_the_cpu(in_tmp):
     # test_engine.py trains QLoRA on the tiny model; this checks the real model's NF4 layers load, take
     # optimizer steps with finite losses, and generate: two short steps are enough for that.
     data = json_answers("train")[:4]
-    run = nbalign.sft(data, out="runs/qlora", batch_size=2, max_steps=2, learning_rate=1e-3)
+    run = nbalign.sft(data, out="runs/qlora", batch_size=2, max_steps=2, learning_rate=1e-3, watch=False)
     assert run.status == "finished" and run.summary["steps"] == 2
     losses = [r["loss"] for r in run.metrics.to_dict("records") if r.get("loss") == r.get("loss") and "loss" in r]
     assert losses and all(loss < 10 for loss in losses), losses
