@@ -91,3 +91,19 @@ def rows(model: str, n: int, kind: str, where: str) -> list[dict]:
         else:
             out.append({"prompt": q, "completion": a, "label": True})
     return out
+
+
+WHAT = {
+    "sft": "general questions answered by the base model itself",
+    "pairs": "pairs of the base model's own right answer to a general question against its answer to another one",
+    "thumbs": "general questions with the base model's own answer, rated up",
+}
+
+
+def mixed(model: str, n_task: int, share: float, kind: str, where: str) -> list[dict]:
+    """The replay rows for a run of `n_task` training rows with `replay: share` (none for 0), said in one line."""
+    extra = rows(model, count(n_task, share), kind, where)
+    if extra:
+        print(f"nbalign: replay: {len(extra)} {WHAT[kind]} are mixed into the {n_task} training rows "
+              f"({share:.0%} of the rows).", flush=True)
+    return extra

@@ -269,9 +269,9 @@ def _flags(evaluation: Evaluation, i: int) -> dict:
     out = {}
     for side, values in (("before", evaluation.before), ("after", evaluation.after)):
         for key in ("in_form", "right"):
-            flags = values.get(key) or []
-            if i < len(flags) and flags[i] is not None:
-                out[f"{key}_{side}"] = bool(flags[i])
+            flag = _at(values.get(key), i)
+            if flag is not None:
+                out[f"{key}_{side}"] = bool(flag)
     return out
 
 

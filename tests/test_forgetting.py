@@ -66,3 +66,19 @@ def test_over_refusal_is_measured_and_flagged(tmp_path):
     assert after["over_refused"] >= 0.5  # ...and so are the innocent ones that share their words
     assert run.evaluation.before["over_refused"] <= 0.2
     assert any(w.startswith("Over-refusal") for w in run.evaluation.warnings), run.evaluation.warnings
+
+
+def test_replay_mixes_the_base_models_own_right_answers_into_the_rows(tmp_path, capsys):
+    """replay: 0.2 over 20 rows adds 5 general rows (a fifth of 25), each the base's own answer, kept where right."""
+    from nbalign import mixing
+    from nbalign.examples import GENERAL_QUESTIONS
+    from nbalign.outcomes import probe_score
+
+    run = nbalign.sft(json_answers("train")[:20], out=str(tmp_path / "replay"), replay=0.2, max_steps=1,
+                      watch=False, eval_split=0)
+    assert json.loads((run.path / "spec.json").read_text())["examples"] == 25
+    assert "replay: 5 general questions answered by the base model itself" in capsys.readouterr().out
+    answered = mixing.base_answers("smollm2-135m")
+    keys = dict(GENERAL_QUESTIONS)
+    assert len(answered) >= 20
+    assert all(probe_score([a], [(q, keys[q])])["probe_n"] == 1 for q, a in answered)

@@ -130,3 +130,15 @@ def test_model_text_is_escaped_in_the_html():
     page = evaluation._repr_html_()
     assert "<script>" not in page and "<img" not in page and "<b>hi" not in page
     assert "&lt;script&gt;" in page and "in form, right" in page and "not in form, wrong" in page
+
+
+def test_replay_share_is_checked_and_refused_for_online_rl():
+    from nbalign import mixing
+    from nbalign.preference_specs import RLHFSpec
+    from nbalign.specs import SFTSpec
+
+    assert [mixing.count(n, s) for n, s in ((20, 0.2), (51, 0.2), (10, 0.0), (1, 0.5))] == [5, 13, 0, 1]
+    with pytest.raises(NbalignError, match="'replay' is the share"):
+        SFTSpec(data=[{"prompt": "a", "completion": "b"}], replay=1.0)
+    with pytest.raises(NbalignError, match="online RL learns from answers it samples"):
+        RLHFSpec(data=["a"], reward="runs/rm", replay=0.2)

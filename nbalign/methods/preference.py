@@ -28,10 +28,8 @@ class PreferenceMethod(base.Method):
 
         train_records = load_records(spec.data, "training data")
         train_rows = self.rows(spec, train_records, "training data")
-        replay = mixing.rows(spec.model, mixing.count(len(train_rows), spec.replay), self.replay_kind, spec.where)
+        replay = mixing.mixed(spec.model, len(train_rows), spec.replay, self.replay_kind, spec.where)
         if replay:
-            print(f"nbalign: replay: {len(replay)} general questions answered by the base model itself are mixed "
-                  f"into the {len(train_rows)} training rows ({spec.replay:.0%} of the rows).", flush=True)
             train_rows = train_rows + self.rows(spec, replay, "replay rows")
         check_prompt_lengths(train_rows, tokenizer, spec.max_length, "training data", spec.where)
         evals, eval_records = None, None

@@ -35,10 +35,8 @@ class RewardMethod(base.Method):
 
         def prepare(data, what, replay: float = 0.0):
             rows = to_pairs(load_records(data, what), what)
-            extra = mixing.rows(spec.model, mixing.count(len(rows), replay), "pairs", spec.where)
+            extra = mixing.mixed(spec.model, len(rows), replay, "pairs", spec.where)
             if extra:
-                print(f"nbalign: replay: {len(extra)} pairs of the base model's own right answer against its answer "
-                      f"to another question are mixed into the {len(rows)} training pairs.", flush=True)
                 rows = rows + to_pairs(extra, "replay rows")
             check_prompt_lengths(rows, tokenizer, spec.max_length, what, spec.where)
             _check_pair_lengths(rows, tokenizer, spec, what)

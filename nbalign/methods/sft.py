@@ -58,10 +58,7 @@ class SFT(base.Method):
         else:
             held = rows[:16] if spec.watch else None
             source = TRAINING_SAMPLE
-        replay = mixing.rows(spec.model, mixing.count(len(rows), spec.replay), "sft", spec.where)
-        if replay:
-            print(f"nbalign: replay: {len(replay)} general questions answered by the base model itself are mixed "
-                  f"into the {len(rows)} training rows ({spec.replay:.0%} of the rows).", flush=True)
+        replay = mixing.mixed(spec.model, len(rows), spec.replay, "sft", spec.where)
         train = tokenized(rows + replay, "training data")
         unseen = held is not None and source != TRAINING_SAMPLE
         evals = tokenized(held, "eval data") if unseen else None  # TRL's eval loss per epoch, on unseen rows
