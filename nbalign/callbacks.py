@@ -213,6 +213,7 @@ class AlignmentWatch(TrainerCallback):
         self.first: dict | None = None
         self.last: dict | None = None
         self.baseline: dict = {}
+        self.failed: str | None = None
         self._at: set[int] = set()
 
     def bind(self, trainer) -> None:
@@ -246,7 +247,24 @@ class AlignmentWatch(TrainerCallback):
             control.should_log = should_log
         return result
 
+    def guarded(self, what: str, measure) -> None:
+        """Runs one measurement; if it fails, the run loses its evaluation, not its training: the error is said
+        once, kept for the run's summary, and nothing more is measured."""
+        if self.failed is not None:
+            return
+        try:
+            measure()
+        except Exception as exc:  # noqa: BLE001 - any failure of the evaluation must not end the training
+            self.failed = f"{type(exc).__name__}: {exc}".strip()[:500]
+            self._at = set()
+            print(f"nbalign: the evaluation failed {what} ({self.failed}). Training goes on without it: this run "
+                  "will have no before/after evaluation. Evaluate the finished run with "
+                  "nbalign.evaluate(run.path, data), or set `watch: false` to skip the evaluation.", flush=True)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.guarded("before training", lambda: self.start(model, state))
+
+    def start(self, model, state) -> None:
         if state.global_step == 0:
             self.first = self.measure(model, state)
             self.baseline = self.prompting(model)
@@ -277,8 +295,8 @@ class AlignmentWatch(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self._at:
-            self.measure(model, state)
+            self.guarded(f"at step {state.global_step}", lambda: self.measure(model, state))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if state.global_step >= state.max_steps:  # not when stopped early: the user wants it to stop now
-            self.last = self.measure(model, state)
+            self.guarded("after training", lambda: setattr(self, "last", self.measure(model, state)))

@@ -198,3 +198,26 @@ def test_max_steps_from_the_body_sizes_the_run(tiny_model, in_tmp, capsys):
     assert run.summary["steps"] == 5 and "5 steps" in capsys.readouterr().out
     logged = [r["step"] for r in read_metrics(run.path) if "loss" in r]
     assert logged == [1, 2, 3, 4, 5]  # ~50 points per run: every step of a 5-step run
+
+
+def test_a_failing_evaluation_loses_the_evaluation_not_the_training(tiny_model, in_tmp, monkeypatch, capsys):
+    """The watch measured before training, then its measurement after training broke (here: made to raise):
+    the run still finishes and saves its adapter, says what failed, and writes no evaluation that looks whole."""
+    import nbalign.evaluation
+
+    real, calls = nbalign.evaluation.measure, []
+
+    def measure(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("generation broke")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nbalign.evaluation, "measure", measure)
+    nbalign.lora(model=tiny_model, r=4)
+    run = nbalign.sft(chats(8), model=tiny_model, eval_data=chats(4), out="runs/a", epochs=1, batch_size=4,
+                      eval_points=0, probe=False, fewshot=0)
+    assert run.status == "finished" and (in_tmp / "runs/a/adapter/adapter_config.json").is_file()
+    assert len(calls) == 2 and run.summary["evaluation_failed"] == "RuntimeError: generation broke"
+    assert not (in_tmp / "runs/a/evaluation.json").exists() and run.evaluation is None
+    assert "the evaluation failed after training (RuntimeError: generation broke)" in capsys.readouterr().out

@@ -408,6 +408,8 @@ def watch_summary(watch, out) -> dict:
     flattened into the run's summary."""
     from ..results import Evaluation, save
 
+    if watch is not None and watch.failed is not None:
+        return {"evaluation_failed": watch.failed}
     if watch is None or watch.first is None or watch.last is None:
         return {}
     before = dict(watch.first)
