@@ -140,7 +140,7 @@ def demonstrations(rows: list, k: int) -> list:
 def probes(value: Any) -> list[tuple[str, list[str]]]:
     """The knowledge probe: the built-in questions, none (False), or the user's [{question, answer}] rows (the
     answer's key words must all be in a right answer; "|" separates accepted alternatives)."""
-    if value is False or value is None:
+    if value is False or value is None or (isinstance(value, (list, tuple)) and not value):
         return []
     if value is True:
         from .examples import KNOWLEDGE_PROBE

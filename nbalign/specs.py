@@ -356,6 +356,9 @@ class TrainSpec(Spec):
             )
 
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 @dataclass
 class WatchSpec(TrainSpec):
     """Options of the methods that show what training changed and what it cost (the evaluation watch)."""
@@ -383,6 +386,17 @@ class WatchSpec(TrainSpec):
             raise NbalignError(f"{self.where}: 'eval_max_new_tokens' must be positive.", "use e.g. 64.")
         if self.fewshot < 0:
             raise NbalignError(f"{self.where}: 'fewshot' must be 0 or more.", "use e.g. fewshot: 3, or 0 to skip.")
+        if isinstance(self.probe, str) and self.probe.strip().lower() in BOOL_WORDS:  # from the magic line
+            self.probe = BOOL_WORDS[self.probe.strip().lower()]
+        if not (isinstance(self.probe, bool) or (isinstance(self.probe, (list, tuple)) and all(
+                isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
+                for r in self.probe))):
+            raise NbalignError(
+                f"{self.where}: 'probe' must be true, false, or a list of {{question, answer}} rows, got "
+                f"{self.probe!r:.80}.",
+                "write e.g. `probe: [{question: 'What is the capital of France?', answer: Paris}]`, or "
+                "`probe: false` (`--probe false` on the line).",
+            )
 
 
 @dataclass

@@ -65,3 +65,13 @@ def test_spec_is_json_serialisable_with_in_memory_data_fingerprinted():
     json.dumps(d1)
     assert d1["data"]["rows"] == 1 and d1["data"]["fingerprint"] == d2["data"]["fingerprint"]
     assert SFTSpec(data=pd.DataFrame({"prompt": ["a"], "completion": ["c"]})).to_dict()["data"] != d1["data"]
+
+
+def test_probe_from_the_line_is_a_bool_and_a_bad_probe_is_refused_before_any_model_loads():
+    assert SFTSpec.from_dict({"data": "x.jsonl", "probe": "false"}).probe is False
+    assert SFTSpec.from_dict({"data": "x.jsonl", "probe": "True"}).probe is True
+    rows = [{"question": "What is 2 plus 2?", "answer": "4"}]
+    assert SFTSpec.from_dict({"data": "x.jsonl", "probe": rows}).probe == rows
+    for bad in (3, "maybe", [{"q": "What is 2 plus 2?"}]):
+        with pytest.raises(NbalignError, match="'probe' must be true, false, or a list"):
+            SFTSpec.from_dict({"data": "x.jsonl", "probe": bad})
