@@ -284,8 +284,12 @@ def load(folder: Path) -> Evaluation | RewardEvaluation | None:
     examples = payload.get("examples", [])
     before = {**payload["before"], "answers": [e["before"] for e in examples]}
     after = {**payload["after"], "answers": [e["after"] for e in examples]}
+    probe = payload.get("probe", [])
     for side, values in (("before", before), ("after", after)):
         for key in ("in_form", "right"):
             values[key] = [e.get(f"{key}_{side}") for e in examples]
+        if probe:  # the probe's answers and verdicts, so the loaded evaluation warns as the saved one did
+            values.update(probe_questions=[q["question"] for q in probe], probe_answers=[q[side] for q in probe],
+                          probe_right=[q[f"right_{side}"] for q in probe])
     prompts = [[{"role": "user", "content": e["prompt"]}] for e in examples]
     return Evaluation(before, after, payload.get("source", "held-out"), prompts, payload.get("prompting", {}))

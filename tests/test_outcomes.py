@@ -123,6 +123,30 @@ def test_warnings_say_which_happened():
     assert any(w.startswith("Over-refusal: 50%") for w in over.warnings)
 
 
+def test_a_saved_evaluation_loads_with_the_same_warnings_and_verdicts(tmp_path):
+    """run.evaluation reads evaluation.json back: the probe's verdicts come with it, so the warnings the cell
+    shows are the ones the run printed (the probe's warning was lost on reload before)."""
+    from nbalign.results import load, save
+
+    questions = [q for q, _ in KNOWLEDGE_PROBE]
+    before = {"form_n": 0, "form": 0.0, "content_n": 2, "content": 1.0, "n": 2, "probe_n": 20, "probe": 1.0,
+              "probe_right": [1] * 20, "probe_answers": ["right"] * 20, "probe_questions": questions,
+              "answers": ["Warsaw.", "Dublin."], "in_form": [0, 0], "right": [1, 1]}
+    after = {"form_n": 2, "form": 1.0, "content_n": 0, "content": 0.0, "n": 2, "probe_n": 12, "probe": 0.6,
+             "probe_right": [1] * 12 + [0] * 8, "probe_answers": ["right"] * 12 + ["wrong"] * 8,
+             "probe_questions": questions, "answers": ['{"answer": "Poland"}', '{"answer": "Ireland"}'],
+             "in_form": [1, 1], "right": [0, 0]}
+    prompts = [[{"role": "user", "content": "What is the capital of Poland?"}],
+               [{"role": "user", "content": "What is the capital of Ireland?"}]]
+    saved = Evaluation(before, after, "held-out", prompts)
+    assert len(saved.warnings) == 2
+    save(saved, tmp_path)
+    loaded = load(tmp_path)
+    assert loaded.warnings == saved.warnings
+    assert [loaded.marks(i) for i in range(2)] == [saved.marks(i) for i in range(2)]
+    assert loaded.after["probe_answers"] == after["probe_answers"]
+
+
 def test_model_text_is_escaped_in_the_html():
     evaluation = Evaluation({"answers": ["<script>alert(1)</script>"], "in_form": [0], "right": [0]},
                             {"answers": ["<img src=x onerror=alert(2)>"], "in_form": [1], "right": [1]},
