@@ -143,3 +143,39 @@ def test_label_and_align_notebook_labels_model_answers_and_trains_on_them(tmp_pa
     rows = [json.loads(x) for x in (tmp_path / "runs" / "dpo-labels" / "data" / "data.jsonl").read_text().splitlines()]
     assert len(rows) == result["pairs"] and all(r["labelled_by"] == "human" for r in rows)
     assert (tmp_path / "labels" / "concise.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_alignment_tax_notebook_flags_the_run_that_forgets_and_the_run_that_over_refuses(tmp_path, monkeypatch,
+                                                                                         kernel_name):
+    """Tutorial 07 in quick mode. Its two runs that make the point are the issue's tests of the outcome
+    warnings: learning rate 1e-3 (five times the default) for 2 epochs takes the JSON form and loses knowledge,
+    and is told so; a run whose data refuses innocent prompts too is flagged for over-refusal, with both shares.
+    The other runs (defaults, replay, the two %%sft -> %%dpo chains on refusals) train two steps here."""
+    monkeypatch.setenv("NBALIGN_QUICK", "1")
+    nb = execute_notebook("07_alignment_tax.ipynb", tmp_path, kernel_name, timeout=900)
+    assert_no_errors(nb)
+    result = result_of(nb)
+    assert all(r["status"] == "finished" for k, r in result.items() if k != "quick"), result
+
+    forgets = result["forgets"]
+    before, after = forgets["before"], forgets["after"]
+    assert after["form_n"] >= 6 > before["form_n"]  # the behaviour asked for was learnt (8 held out)...
+    assert after["probe_n"] < before["probe_n"] - 4  # ...and knowledge went with it
+    text = " ".join(forgets["warnings"])
+    assert "knowledge probe dropped" in text and "lost the facts" in text, forgets["warnings"]
+
+    scared = result["scared"]
+    assert scared["after"]["refused"] >= 0.8  # the harmful prompts are refused...
+    assert scared["after"]["over_refused"] >= 0.5  # ...and so are the innocent ones that share their words
+    assert scared["before"]["over_refused"] <= 0.2
+    assert any(w.startswith("Over-refusal") for w in scared["warnings"]), scared["warnings"]
+
+    # The other runs train two or three steps each (0.3 epochs) and measure nothing in quick mode.
+    assert all(result[k]["steps"] in (2, 3) for k in ("defaults", "replay", "refuse_sft", "refuse_dpo", "refuse_long",
+                                                 "refuse_fix")), result
+    # The evaluation's HTML is what the cells show: the table, the warnings, model text escaped.
+    page = json.dumps([o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code"
+                       for o in c.get("outputs", [])])
+    assert "knowledge probe answered right" in page and "&quot;answer&quot;" in page
+    assert (tmp_path / "runs" / "forgets" / "evaluation.json").is_file()
