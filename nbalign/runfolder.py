@@ -2,7 +2,8 @@
 
 ```
 <run>/spec.json            the resolved spec (the whole run: it replays from this file), versions, device
-<run>/data/*.jsonl         in-memory training/eval data, saved so the spec replays in another process
+<run>/data/*.jsonl         in-memory training/eval data, saved so the spec replays in another process;
+                          replay.jsonl: the general rows `replay` mixed in (the base's own answers)
 <run>/status.json          running | finished | interrupted | failed (+ message, summary); written last
 <run>/metrics.jsonl        one line per logged step
 <run>/evaluation.json      the evaluation at the end (evaluation_before.json: its start, for --resume)

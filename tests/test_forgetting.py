@@ -54,3 +54,7 @@ def test_replay_mixes_the_base_models_own_right_answers_into_the_rows(tmp_path, 
     keys = dict(GENERAL_QUESTIONS)
     assert len(answered) >= 20
     assert all(probe_score([a], [(q, keys[q])])["probe_n"] == 1 for q, a in answered)
+    # The rows trained on are kept with the run: the base's own answers, as conversations.
+    saved = [json.loads(line) for line in (run.path / "data" / "replay.jsonl").read_text().splitlines()]
+    assert len(saved) == 5 and all((m[0]["content"], m[1]["content"]) in answered for m in
+                                   (r["messages"] for r in saved))

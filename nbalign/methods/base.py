@@ -240,6 +240,8 @@ def _write_spec(method: Method, plan: Plan) -> None:
 
     previous = runfolder.read_spec(plan.out) if plan.spec.resume else {}
     saved = {name: runfolder.save_data(plan.out, name, rows) for name, rows in plan.records.items()}
+    if plan.data.state.get("replay"):  # what replay mixed in: the base's own answers, as trained on
+        runfolder.save_data(plan.out, "replay", plan.data.state["replay"])
     values = {**spec_payload(plan.spec, saved), **method.stored_values(plan.spec)}
     if previous:  # a resumed run keeps the record of the data it started from
         values.update({k: previous["spec"][k] for k in DATA_FIELDS if k in previous.get("spec", {})})

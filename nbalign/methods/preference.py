@@ -41,7 +41,7 @@ class PreferenceMethod(base.Method):
             # accuracy TRL's evaluation would, plus answers, KL and perplexity); evaluating twice doubles the cost.
             evals = None if spec.watch else Dataset.from_list(eval_rows)
         state = {"train_records": train_records, "eval_records": eval_records, "rows": train_rows,
-                 "demos": demos(train_rows[:len(train_rows) - len(replay)], spec.fewshot)}
+                 "demos": demos(train_rows[:len(train_rows) - len(replay)], spec.fewshot), "replay": replay}
         return base.Prepared(Dataset.from_list(train_rows), evals, len(train_rows), state)
 
     def precompute(self, spec, steps: int, n_rows: int) -> bool:

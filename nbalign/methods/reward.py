@@ -31,12 +31,13 @@ class RewardMethod(base.Method):
     def prepare(self, spec: RewardSpec, tokenizer) -> base.Prepared:
         from datasets import Dataset
 
-        pairs = {}
+        pairs, mixed = {}, []
 
         def prepare(data, what, replay: float = 0.0):
             rows = to_pairs(load_records(data, what), what)
             extra = mixing.mixed(spec.model, len(rows), replay, "pairs", spec.where)
             if extra:
+                mixed.extend(extra)
                 rows = rows + to_pairs(extra, "replay rows")
             check_prompt_lengths(rows, tokenizer, spec.max_length, what, spec.where)
             _check_pair_lengths(rows, tokenizer, spec, what)
@@ -50,7 +51,7 @@ class RewardMethod(base.Method):
         train, n = prepare(spec.data, "training data", spec.replay)
         evals = prepare(spec.eval_data, "eval data")[0] if spec.eval_data is not None else None
         # The conversational pairs as checked, for the final evaluation.
-        return base.Prepared(train, evals, n, {"pairs": pairs})
+        return base.Prepared(train, evals, n, {"pairs": pairs, "replay": mixed})
 
     def config_defaults(self, spec: RewardSpec, device, steps: int, prepared) -> dict:
         return {
