@@ -214,6 +214,7 @@ class AlignmentWatch(TrainerCallback):
         self.last: dict | None = None
         self.baseline: dict = {}
         self.failed: str | None = None
+        self.seconds = 0.0  # spent measuring: the run's evaluation time, not its training time
         self._at: set[int] = set()
 
     def bind(self, trainer) -> None:
@@ -252,6 +253,7 @@ class AlignmentWatch(TrainerCallback):
         once, kept for the run's summary, and nothing more is measured."""
         if self.failed is not None:
             return
+        start = time.perf_counter()
         try:
             measure()
         except Exception as exc:  # noqa: BLE001 - any failure of the evaluation must not end the training
@@ -260,6 +262,8 @@ class AlignmentWatch(TrainerCallback):
             print(f"nbalign: the evaluation failed {what} ({self.failed}). Training goes on without it: this run "
                   "will have no before/after evaluation. Evaluate the finished run with "
                   "nbalign.evaluate(run.path, data), or set `watch: false` to skip the evaluation.", flush=True)
+        finally:
+            self.seconds += time.perf_counter() - start
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.guarded("before training", lambda: self.start(model, state))

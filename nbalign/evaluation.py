@@ -140,20 +140,16 @@ def demonstrations(rows: list, k: int) -> list:
 def probes(value: Any) -> list[tuple[str, list[str]]]:
     """The knowledge probe: the built-in questions, none (False), or the user's [{question, answer}] rows (the
     answer's key words must all be in a right answer; "|" separates accepted alternatives)."""
-    if value is False or value is None or (isinstance(value, (list, tuple)) and not value):
+    from .specs import checked_probe
+
+    value = checked_probe(value, "nbalign.evaluate")
+    if not value:  # False, None or no rows
         return []
     if value is True:
         from .examples import KNOWLEDGE_PROBE
 
         return list(KNOWLEDGE_PROBE)
-    if isinstance(value, (list, tuple)) and value and all(
-            isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
-            for r in value):
-        return [(r["question"], [w for w in r["answer"].split() if w]) for r in value]
-    raise NbalignError(
-        f"'probe' must be true, false, or a list of {{question, answer}} rows, got {value!r:.80}.",
-        "write e.g. `probe: [{question: 'What is the capital of France?', answer: Paris}]`, or `probe: false`.",
-    )
+    return [(r["question"], [w for w in r["answer"].split() if w]) for r in value]
 
 
 def general_texts(value: Any) -> list[str]:

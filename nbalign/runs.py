@@ -103,7 +103,10 @@ class Run:
             "data": (spec.get("spec", {}).get("data") or {}).get("summary")
             if isinstance(spec.get("spec", {}).get("data"), dict) else None,
         }
-        rows.update({k: _fmt(v) for k, v in status.get("summary", {}).items()})
+        summary = dict(status.get("summary", {}))
+        if isinstance(summary.get("time_s"), dict):  # where the time went, first
+            rows = {"status": rows.pop("status"), "time": describe_times(summary.pop("time_s")), **rows}
+        rows.update({k: _fmt(v) for k, v in summary.items()})
         table = "".join(
             f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(str(k))}</th>"
             f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
@@ -119,6 +122,15 @@ class Run:
             + (evaluation._repr_html_() if evaluation is not None else "")
             + "</div>"
         )
+
+
+def describe_times(times: dict) -> str:
+    """'1 min 36 s: loading 3.1 s, data 0.4 s, training 52 s, evaluation 40 s, saving 0.8 s' (total first)."""
+    def fmt(s: float) -> str:
+        return f"{s:.1f} s" if s < 10 else f"{s:.0f} s" if s < 120 else f"{int(s // 60)} min {s % 60:.0f} s"
+
+    parts = ", ".join(f"{name} {fmt(float(s))}" for name, s in times.items())
+    return f"{fmt(sum(float(s) for s in times.values()))} ({parts})"
 
 
 def _fmt(v: Any) -> Any:

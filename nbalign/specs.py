@@ -47,6 +47,26 @@ def _base_type(tp) -> tuple[type | None, bool]:
     return (tp if tp in (int, float, bool, str) else None), optional
 
 
+# How a YAML body or a magic line writes a boolean.
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def checked_probe(value: Any, where: str) -> Any:
+    """The knowledge probe option as given: true, false, or [{question, answer}] rows (a magic line's 'false'
+    is False); anything else is refused with the fix."""
+    if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.strip().lower()]
+    if value is None or isinstance(value, bool) or (isinstance(value, (list, tuple)) and all(
+            isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
+            for r in value)):
+        return value
+    raise NbalignError(
+        f"{where}: 'probe' must be true, false, or a list of {{question, answer}} rows, got {value!r:.80}.",
+        "write e.g. `probe: [{question: 'What is the capital of France?', answer: Paris}]`, or `probe: false` "
+        "(`--probe false` on the line).",
+    )
+
+
 def coerce(name: str, value: Any, tp, where: str, example: Any = None) -> Any:
     """Turn a YAML or command-line value into the field's type; PyYAML reads `2e-4` as a string."""
     base, optional = _base_type(tp)
@@ -57,11 +77,8 @@ def coerce(name: str, value: Any, tp, where: str, example: Any = None) -> Any:
     try:
         if base is bool:
             if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("true", "yes", "on", "1"):
-                    return True
-                if low in ("false", "no", "off", "0"):
-                    return False
+                if value.strip().lower() in BOOL_WORDS:
+                    return BOOL_WORDS[value.strip().lower()]
                 raise ValueError(value)
             return bool(value)
         if base is int and isinstance(value, float) and not value.is_integer():
@@ -356,9 +373,6 @@ class TrainSpec(Spec):
             )
 
 
-BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
-
-
 @dataclass
 class WatchSpec(TrainSpec):
     """Options of the methods that show what training changed and what it cost (the evaluation watch)."""
@@ -386,17 +400,7 @@ class WatchSpec(TrainSpec):
             raise NbalignError(f"{self.where}: 'eval_max_new_tokens' must be positive.", "use e.g. 64.")
         if self.fewshot < 0:
             raise NbalignError(f"{self.where}: 'fewshot' must be 0 or more.", "use e.g. fewshot: 3, or 0 to skip.")
-        if isinstance(self.probe, str) and self.probe.strip().lower() in BOOL_WORDS:  # from the magic line
-            self.probe = BOOL_WORDS[self.probe.strip().lower()]
-        if not (isinstance(self.probe, bool) or (isinstance(self.probe, (list, tuple)) and all(
-                isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
-                for r in self.probe))):
-            raise NbalignError(
-                f"{self.where}: 'probe' must be true, false, or a list of {{question, answer}} rows, got "
-                f"{self.probe!r:.80}.",
-                "write e.g. `probe: [{question: 'What is the capital of France?', answer: Paris}]`, or "
-                "`probe: false` (`--probe false` on the line).",
-            )
+        self.probe = checked_probe(self.probe, self.where)
 
 
 @dataclass

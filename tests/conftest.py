@@ -71,7 +71,7 @@ def scheduled(items: list, workers: int) -> list:
         while len(part) < size:
             part.append(next(rest))
     ordered = [item for part in parts for item in part]
-    return ordered + list(rest) if len(ordered) == len(items) else slow + fast  # a part over its size: no plan
+    return ordered if len(ordered) == len(items) else slow + fast  # a part over its size: no plan
 
 
 @pytest.fixture(autouse=True)

@@ -221,3 +221,36 @@ def test_a_failing_evaluation_loses_the_evaluation_not_the_training(tiny_model, 
     assert len(calls) == 2 and run.summary["evaluation_failed"] == "RuntimeError: generation broke"
     assert not (in_tmp / "runs/a/evaluation.json").exists() and run.evaluation is None
     assert "the evaluation failed after training (RuntimeError: generation broke)" in capsys.readouterr().out
+
+
+def test_the_summary_says_where_the_time_went(tiny_model, in_tmp, monkeypatch, capsys):
+    """Loading, data, training, evaluation and saving add up to the run's wall time, and the evaluation measured
+    during training is counted as evaluation, not training (here each measurement is made to take 0.6 s more)."""
+    import time
+
+    import nbalign.evaluation
+
+    real = nbalign.evaluation.measure
+
+    def slow_measure(*args, **kwargs):
+        time.sleep(0.6)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nbalign.evaluation, "measure", slow_measure)
+    nbalign.lora(model=tiny_model, r=4)
+    start = time.perf_counter()
+    run = nbalign.sft(chats(8), model=tiny_model, eval_data=chats(4), out="runs/t", epochs=1, batch_size=4,
+                      eval_points=1, probe=False, fewshot=0)
+    wall = time.perf_counter() - start
+    times = run.summary["time_s"]
+    assert list(times) == ["loading", "data", "training", "evaluation", "saving"]
+    assert all(v >= 0 for v in times.values()) and times["data"] > 0 and times["training"] > 0, times
+    # Outside the phases: writing the status and freeing memory (a garbage collection, ~0.3 s here).
+    assert wall - 1.0 <= sum(times.values()) <= wall, (times, wall)
+    assert times["evaluation"] >= 3 * 0.6, times  # before, at the middle step, after
+    # The trainer's own clock holds the measurements made during training; the training phase does not.
+    assert times["training"] <= run.summary["runtime_s"] - 2 * 0.6 + 0.2, (times, run.summary)
+    assert f"sft: finished after {sum(times.values()):.1f} s (loading" in capsys.readouterr().out
+    page = run._repr_html_()
+    assert page.index("<th style='text-align:left;padding-right:1em'>time</th>") < page.index(">model</th>")
+    assert "| time | " in (run.path / "README.md").read_text()

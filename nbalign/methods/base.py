@@ -8,8 +8,10 @@ learns while it is prepared (counts, held-out rows, rewards, the evaluation watc
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 from .. import runfolder
 from ..errors import NbalignError
 from ..generation import CACHE
-from ..runs import Run
+from ..runs import Run, describe_times
 from ..specs import DATA_FIELDS, AdapterSpec, TrainSpec, describe_data
 from .card import model_card
 from .config import checked_trl_fields, common_defaults, planned_steps, trl_config
@@ -34,6 +36,32 @@ class Prepared:
     state: dict = field(default_factory=dict)  # per-run values: class counts, held-out rows, rewards, ...
 
 
+class Clock:
+    """Wall seconds a run spends in each phase, for the first line of its summary: where the time went."""
+
+    PHASES = ("loading", "data", "training", "evaluation", "saving")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def moved(self, seconds: float, source: str, target: str) -> None:
+        """Time measured inside another phase (the evaluation during training) counted where it belongs."""
+        seconds = min(seconds, self.seconds[source])
+        self.seconds[source] -= seconds
+        self.seconds[target] += seconds
+
+    def summary(self) -> dict:
+        return {name: round(self.seconds[name], 2) for name in self.PHASES}
+
+
 @dataclass
 class Plan:
     """A run fully checked and ready to start; nothing has been written yet. The one copy of its spec."""
@@ -47,6 +75,7 @@ class Plan:
     config: Any  # the TRL config
     steps: int
     records: dict = field(default_factory=dict)  # in-memory data as rows, saved with the run
+    clock: Clock = field(default_factory=Clock)
 
     @property
     def adapter(self) -> AdapterSpec:
@@ -205,7 +234,10 @@ def run(method: Method, spec: TrainSpec) -> Run:
 
 
 def _run(method: Method, spec: TrainSpec) -> Run:
-    plan = plan_run(method, spec)
+    clock = Clock()
+    with clock.phase("data"):  # the checks, the tokenizer and the data, before anything is written
+        plan = plan_run(method, spec)
+    plan.clock = clock
     out = plan.out
     runfolder.start(out, overwrite=plan.spec.overwrite)
     CACHE.release()  # the model kept for generation is not needed while training: free it first
@@ -279,12 +311,16 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
     guard = InterruptGuard()
     state = {"trainer": None, "model": None}
     outcome, message, summary, own_error = "failed", None, {}, False
+    clock = plan.clock
     try:
-        model = method.load_model(plan)
-        state["model"] = model
-        extras = method.extra_callbacks(plan)
-        callbacks = [MetricsWriter(out), *extras, LiveProgress(f"{method.name} {out.name}"), StopOnInterrupt(guard)]
-        trainer = method.build_trainer(plan, model, callbacks)
+        with clock.phase("loading"):
+            model = method.load_model(plan)
+            state["model"] = model
+            extras = method.extra_callbacks(plan)
+            callbacks = [MetricsWriter(out), *extras, LiveProgress(f"{method.name} {out.name}"),
+                         StopOnInterrupt(guard)]
+        with clock.phase("data"):  # TRL's trainer tokenises the preference methods' rows as it is built
+            trainer = method.build_trainer(plan, model, callbacks)
         for callback in extras:
             if hasattr(callback, "bind"):
                 callback.bind(trainer)
@@ -295,13 +331,17 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
             # Killed after the last step but before the weights were saved: nothing is left to train.
             result = _restore(trainer, checkpoint)
         else:
-            with guard:
+            with guard, clock.phase("training"):
                 result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        for callback in extras:  # the evaluation measured during training is the evaluation's time
+            clock.moved(getattr(callback, "seconds", 0.0), "training", "evaluation")
         summary = _summary(trainer, result)
-        runfolder.save_weights(out, trainer.model, plan.tokenizer, full=plan.adapter.type == "full")
+        with clock.phase("saving"):
+            runfolder.save_weights(out, trainer.model, plan.tokenizer, full=plan.adapter.type == "full")
         if not guard.requested:
             try:
-                summary.update(method.finish(plan, trainer))
+                with clock.phase("evaluation"):
+                    summary.update(method.finish(plan, trainer))
             except KeyboardInterrupt:
                 summary["evaluation"] = "skipped: interrupted"
             except NbalignError:  # the method found the run itself failed (e.g. no finite reward): not the evaluation
@@ -311,7 +351,9 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
                 runfolder.write_error_log(out, traceback.format_exc())
         outcome = "interrupted" if guard.requested else "finished"
         if outcome == "finished":
-            runfolder.write_card(out, model_card(method.name, plan, summary, *method.card_usage(plan)))
+            with clock.phase("saving"):
+                timed = {"time_s": clock.summary(), **summary}  # so far: the card is the last thing saved
+                runfolder.write_card(out, model_card(method.name, plan, timed, *method.card_usage(plan)))
         else:
             message = f"stopped by the user at step {trainer.state.global_step}; re-run the cell with --resume"
     except KeyboardInterrupt:
@@ -338,9 +380,11 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
             trainer.accelerator.free_memory()
         state.clear()
         model = trainer = None
-        # Status last: a folder that says "finished" has its weights and card.
+        # Status last: a folder that says "finished" has its weights and card. Where the time went comes first.
+        summary = {"time_s": clock.summary(), **summary}
         runfolder.set_status(out, outcome, message, summary=summary)
         free_memory()
+    print(f"nbalign {method.name}: {outcome} after {describe_times(summary['time_s'])}.", flush=True)
     if outcome == "failed":
         if own_error:
             return NbalignError(f"{message} The run in '{out}' is marked failed.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import runfolder
+from ..runs import describe_times
 
 
 def model_card(method: str, plan, summary: dict, auto: str, notebook: str) -> str:
@@ -28,7 +29,8 @@ def model_card(method: str, plan, summary: dict, auto: str, notebook: str) -> st
         f"| batch size | {spec.batch_size} |",
         f"| device | {plan.device} |",
     ]
-    lines += [f"| {k} | {v} |" for k, v in summary.items()]
+    lines += [f"| {'time' if k == 'time_s' else k} | {describe_times(v) if k == 'time_s' else v} |"
+              for k, v in summary.items()]
     kw = ", num_labels=1" if auto == "AutoModelForSequenceClassification" else ""
     weights = plan.out / (runfolder.MODEL if plan.adapter.type == "full" else runfolder.ADAPTER)
     if plan.adapter.type == "full":
