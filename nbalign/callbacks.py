@@ -204,8 +204,10 @@ class AlignmentWatch(TrainerCallback):
     and at the end, and logs it as `watch/<metric>` rows so the live display and metrics.jsonl carry the
     curves. The reference is the model with its adapter switched off, or the trainer's reference model."""
 
-    def __init__(self, data, tokenizer, beta: float, points: int, max_new_tokens: int, folder: Path | None = None):
+    def __init__(self, data, tokenizer, beta: float, points: int, max_new_tokens: int, folder: Path | None = None,
+                 start_model=None):
         self.data, self.tokenizer, self.beta = data, tokenizer, beta
+        self.start_model = start_model  # evalcache.StartModel: the untrained model's numbers may be reused
         self.folder = Path(folder) if folder is not None else None
         self.points, self.max_new_tokens = points, max_new_tokens
         self.trainer = None
@@ -238,6 +240,10 @@ class AlignmentWatch(TrainerCallback):
             reference = separate(model)
         result = measure(model, self.tokenizer, self.data, reference, self.beta, self.max_new_tokens, self.cache,
                          same_as_reference=start)
+        self.log(result, state)
+        return result
+
+    def log(self, result: dict, state) -> None:
         logs = {f"watch/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
         if self.trainer is not None:
             state.log_history.append({**logs, "step": state.global_step})
@@ -246,7 +252,6 @@ class AlignmentWatch(TrainerCallback):
             should_log = control.should_log
             self.trainer.callback_handler.on_log(self.trainer.args, state, control, logs)
             control.should_log = should_log
-        return result
 
     def guarded(self, what: str, measure) -> None:
         """Runs one measurement; if it fails, the run loses its evaluation, not its training: the error is said
@@ -270,7 +275,7 @@ class AlignmentWatch(TrainerCallback):
 
     def start(self, model, state) -> None:
         if state.global_step == 0:
-            self.first = self.measure(model, state)
+            self.first = self.untrained(model, state)
             self.baseline = self.prompting(model)
             if self.folder is not None:
                 runfolder.save_evaluation_start(self.folder, {**self.first, "prompting": self.baseline})
@@ -281,14 +286,46 @@ class AlignmentWatch(TrainerCallback):
             every = state.max_steps / (self.points + 1)
             self._at = {max(1, round(every * (k + 1))) for k in range(self.points)} - {state.max_steps}
 
+    def untrained(self, model, state) -> dict:
+        """The first measurement, or the same numbers kept from an earlier run on the same model and data."""
+        import dataclasses
+
+        from . import evalcache
+
+        # Not keyed by beta: before the first step every implicit reward is zero, whatever beta is.
+        entry = evalcache.entry(self.start_model, "before", dataclasses.replace(self.data, demos=[], source=""),
+                                self.max_new_tokens)
+        kept = entry.read() if entry is not None else None
+        if kept is not None and isinstance(kept.get("first"), dict):
+            if kept.get("ref_logps") is not None:
+                self.cache["ref_logps"] = kept["ref_logps"]
+            self.log(kept["first"], state)
+            print("nbalign: the untrained model's numbers on these prompts are reused from an earlier run on the same "
+                  f"model files and evaluation data ({entry.path}; NBALIGN_EVAL_CACHE=0 measures them again).",
+                  flush=True)
+            return kept["first"]
+        first = self.measure(model, state)
+        if entry is not None:
+            entry.write({"first": first, "ref_logps": self.cache.get("ref_logps")})
+        return first
+
     def prompting(self, model) -> dict:
         """The cheap ladder first: what the untrained model reaches zero-shot (the first measurement) and with
         k training examples in the prompt, said before training starts."""
+        import dataclasses
+
+        from . import evalcache
         from .evaluation import prompting_baseline
         from .results import shown
 
         model = getattr(model, "module", model)
-        baseline = prompting_baseline(model, self.tokenizer, self.data, self.max_new_tokens)
+        entry = evalcache.entry(self.start_model, "prompting", dataclasses.replace(self.data, source=""),
+                                self.max_new_tokens)
+        baseline = entry.read() if entry is not None else None
+        if baseline is None:
+            baseline = prompting_baseline(model, self.tokenizer, self.data, self.max_new_tokens)
+            if entry is not None:
+                entry.write(baseline)
         if baseline:
             zero, n = self.first, baseline.get("n")
             print(f"nbalign: prompting alone on the {n} evaluation prompts: zero-shot {shown(zero, 'form')} in the "

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from . import runfolder
+from .clock import describe_times
 from .errors import NbalignError
 
 
@@ -122,15 +123,6 @@ class Run:
             + (evaluation._repr_html_() if evaluation is not None else "")
             + "</div>"
         )
-
-
-def describe_times(times: dict) -> str:
-    """'1 min 36 s: loading 3.1 s, data 0.4 s, training 52 s, evaluation 40 s, saving 0.8 s' (total first)."""
-    def fmt(s: float) -> str:
-        return f"{s:.1f} s" if s < 10 else f"{s:.0f} s" if s < 120 else f"{int(s // 60)} min {s % 60:.0f} s"
-
-    parts = ", ".join(f"{name} {fmt(float(s))}" for name, s in times.items())
-    return f"{fmt(sum(float(s) for s in times.values()))} ({parts})"
 
 
 def _fmt(v: Any) -> Any:

@@ -4,12 +4,16 @@ built-in model for behaviour tests, and a clean session per test."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this machine has no model hub; say so instead of waiting
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The untrained models' measurements are reused within one test session (the workers inherit this), never from
+# an earlier one: a suite on a fresh machine and a suite here do the same work.
+os.environ.setdefault("NBALIGN_EVAL_CACHE", tempfile.mkdtemp(prefix="nbalign-eval-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -214,6 +214,7 @@ def test_a_failing_evaluation_loses_the_evaluation_not_the_training(tiny_model, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(nbalign.evaluation, "measure", measure)
+    monkeypatch.setenv("NBALIGN_EVAL_CACHE", "0")  # every measurement made here, none reused
     nbalign.lora(model=tiny_model, r=4)
     run = nbalign.sft(chats(8), model=tiny_model, eval_data=chats(4), out="runs/a", epochs=1, batch_size=4,
                       eval_points=0, probe=False, fewshot=0)
@@ -237,6 +238,7 @@ def test_the_summary_says_where_the_time_went(tiny_model, in_tmp, monkeypatch, c
         return real(*args, **kwargs)
 
     monkeypatch.setattr(nbalign.evaluation, "measure", slow_measure)
+    monkeypatch.setenv("NBALIGN_EVAL_CACHE", "0")
     nbalign.lora(model=tiny_model, r=4)
     start = time.perf_counter()
     run = nbalign.sft(chats(8), model=tiny_model, eval_data=chats(4), out="runs/t", epochs=1, batch_size=4,
@@ -254,3 +256,41 @@ def test_the_summary_says_where_the_time_went(tiny_model, in_tmp, monkeypatch, c
     page = run._repr_html_()
     assert page.index("<th style='text-align:left;padding-right:1em'>time</th>") < page.index(">model</th>")
     assert "| time | " in (run.path / "README.md").read_text()
+
+
+def test_the_untrained_models_numbers_are_measured_once_per_model_and_data(tiny_model, in_tmp, monkeypatch, capsys):
+    """A second run from the same model files on the same evaluation data reuses the first run's "before" and
+    prompting numbers (and says so) instead of measuring them again; other data, another start model (a run) or
+    NBALIGN_EVAL_CACHE=0 measure anew."""
+    import nbalign.evaluation
+
+    real, calls = nbalign.evaluation.measure, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("same_as_reference", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nbalign.evaluation, "measure", counted)
+    monkeypatch.setenv("NBALIGN_EVAL_CACHE", str(in_tmp / "cache"))
+    nbalign.lora(model=tiny_model, r=4)
+    options = dict(model=tiny_model, epochs=1, batch_size=4, eval_points=0, probe=False, fewshot=2)
+
+    first = nbalign.sft(chats(8), eval_data=chats(4), out="runs/a", **options)
+    assert calls == [True, False]  # before, after
+    assert "reused" not in capsys.readouterr().out
+    again = nbalign.sft(chats(8), eval_data=chats(4), out="runs/b", learning_rate=1e-3, **options)
+    assert calls == [True, False, False]  # only after: the same base, data and settings
+    assert "the untrained model's numbers on these prompts are reused" in capsys.readouterr().out
+    assert again.evaluation.before == first.evaluation.before
+    assert again.evaluation.baseline == first.evaluation.baseline and first.evaluation.baseline["k"] == 2
+    assert json.loads((in_tmp / "runs/b/evaluation_before.json").read_text())["answers"] == first.evaluation.before[
+        "answers"]
+
+    nbalign.sft(chats(8), eval_data=chats(5), out="runs/c", **options)  # other data: measured
+    assert calls[-2:] == [True, False]
+    nbalign.sft(chats(8), model="runs/a", eval_data=chats(4), out="runs/d", epochs=1, batch_size=4, eval_points=0,
+                probe=False, fewshot=2)  # from a run: its adapter's files are part of the start
+    assert calls[-2:] == [True, False]
+    monkeypatch.setenv("NBALIGN_EVAL_CACHE", "0")
+    nbalign.sft(chats(8), eval_data=chats(4), out="runs/e", **options)
+    assert calls[-2:] == [True, False]

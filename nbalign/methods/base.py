@@ -8,10 +8,8 @@ learns while it is prepared (counts, held-out rows, rewards, the evaluation watc
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import sys
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +18,13 @@ from typing import Any
 from .. import runfolder
 from ..errors import NbalignError
 from ..generation import CACHE
-from ..runs import Run, describe_times
+from ..memory import MiB, PeakMeter
+from ..clock import Clock, describe_times
+from ..runs import Run
 from ..specs import DATA_FIELDS, AdapterSpec, TrainSpec, describe_data
 from .card import model_card
 from .config import checked_trl_fields, common_defaults, planned_steps, trl_config
+from .inputs import check_overwrite, in_memory_records, resume_spec
 
 
 @dataclass
@@ -34,32 +35,6 @@ class Prepared:
     eval: Any
     n_examples: int
     state: dict = field(default_factory=dict)  # per-run values: class counts, held-out rows, rewards, ...
-
-
-class Clock:
-    """Wall seconds a run spends in each phase, for the first line of its summary: where the time went."""
-
-    PHASES = ("loading", "data", "training", "evaluation", "saving")
-
-    def __init__(self):
-        self.seconds = dict.fromkeys(self.PHASES, 0.0)
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - start
-
-    def moved(self, seconds: float, source: str, target: str) -> None:
-        """Time measured inside another phase (the evaluation during training) counted where it belongs."""
-        seconds = min(seconds, self.seconds[source])
-        self.seconds[source] -= seconds
-        self.seconds[target] += seconds
-
-    def summary(self) -> dict:
-        return {name: round(self.seconds[name], 2) for name in self.PHASES}
 
 
 @dataclass
@@ -76,6 +51,7 @@ class Plan:
     steps: int
     records: dict = field(default_factory=dict)  # in-memory data as rows, saved with the run
     clock: Clock = field(default_factory=Clock)
+    memory: Any = None  # memory.Estimate, made before loading
 
     @property
     def adapter(self) -> AdapterSpec:
@@ -102,6 +78,14 @@ class Method:
 
     def config_defaults(self, spec, device, steps: int, prepared: Prepared) -> dict:
         return common_defaults(spec, device, steps)
+
+    def memory_shape(self, spec, tokenizer, prepared: Prepared) -> dict:
+        """The largest batch the run trains on, for the memory estimate: sequences at once and their length (the
+        longest row, within max_length), the tokens the loss reads, a separate reference copy, generated tokens."""
+        lengths = [len(ids) for ids in prepared.train["input_ids"]] if "input_ids" in prepared.train.column_names \
+            else [spec.max_length]
+        longest = min(max(lengths), spec.max_length)
+        return {"sequences": spec.batch_size, "length": longest}
 
     def planned_steps(self, spec, n_examples: int, extra: dict) -> int:
         return planned_steps(spec, n_examples, extra)
@@ -148,81 +132,33 @@ def plan_run(method: Method, spec: TrainSpec) -> Plan:
     out = Path(spec.out) if spec.out else runfolder.default_out(method.name)
     runfolder.prepare_folder(out, resume=spec.resume, overwrite=spec.overwrite)
     if spec.resume:
-        spec = _resume_spec(spec, out)
+        spec = resume_spec(spec, out)
     config_class = method.config_class(spec)
     extra = checked_trl_fields(config_class, spec)  # before anything slow: a typo fails at once
     ref = resolve(spec.model)
     check_targets(skeleton(ref), spec.lora, spec.model)
     device = pick_device()
-    _check_overwrite(spec, out, ref)
+    check_overwrite(spec, out, ref)
     tokenizer = load_tokenizer(ref)
     prepared = method.prepare(spec, tokenizer)
-    records = _in_memory_records(spec)  # after prepare(), whose errors name the rows and the fix
+    records = in_memory_records(spec)  # after prepare(), whose errors name the rows and the fix
     steps = method.planned_steps(spec, prepared.n_examples, extra)
     defaults = method.config_defaults(spec, device, steps, prepared)
     config = trl_config(config_class, spec, out, defaults, extra)
-    return Plan(spec, out, ref, device, tokenizer, prepared, config, steps, records)
+    need = memory_needed(method, spec, ref, device, tokenizer, prepared, config)
+    return Plan(spec, out, ref, device, tokenizer, prepared, config, steps, records, memory=need)
 
 
-def _check_overwrite(spec: TrainSpec, out: Path, ref) -> None:
-    """--overwrite empties --out first: refuse when this run reads something inside it."""
-    if not spec.overwrite or not out.exists():
-        return
-    inputs = [*ref.parents, *(getattr(spec, name) for name in DATA_FIELDS)]
-    reward = getattr(spec, "reward", None)
-    inputs += list(reward) if isinstance(reward, (list, tuple)) else [reward]
-    root = out.resolve()
-    for item in inputs:
-        if isinstance(item, (str, Path)) and Path(item).exists() and (
-                Path(item).resolve() == root or root in Path(item).resolve().parents):
-            raise NbalignError(
-                f"--overwrite would empty '{out}', but this run reads '{item}' from inside it.",
-                "pick another --out for the new run.",
-            )
+def memory_needed(method: Method, spec: TrainSpec, ref, device, tokenizer, prepared: Prepared, config):
+    """The run's peak memory, estimated before loading; a run that will not fit stops here, with the fix."""
+    from .. import memory
+    from ..models import skeleton
 
-
-def _in_memory_records(spec: TrainSpec) -> dict:
-    """Rows of the data given as notebook objects (not paths), to save with the run."""
-    from ..data import load_records
-
-    out = {}
-    for name in DATA_FIELDS:
-        value = getattr(spec, name)
-        if value is None or isinstance(value, (str, Path)):
-            continue
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-            value = [{"prompt": v} for v in value]  # prompts alone (%%rlhf)
-        out[name] = load_records(value, name.replace("_", " "))
-    return out
-
-
-def _resume_spec(spec: TrainSpec, out: Path) -> TrainSpec:
-    """The spec to continue with: the stored one's data when none is given; given data must be the same."""
-    stored = runfolder.read_spec(out).get("spec", {})
-    changes = {}
-    for name in DATA_FIELDS:
-        kept, given = stored.get(name), getattr(spec, name)
-        if given is None:
-            if isinstance(kept, dict) and not kept.get("saved"):
-                raise NbalignError(
-                    f"--resume: the run in '{out}' was trained on in-memory data, which was not saved with it.",
-                    "pass the same data again with --data.",
-                )
-            changes[name] = runfolder.stored_data(out, kept)
-        elif not _same_data(given, kept, out):
-            raise NbalignError(
-                f"--resume: the {name.replace('_', ' ')} differs from the data the run in '{out}' started with.",
-                "pass the same data (or none: the run kept a copy), or start a new run with --overwrite.",
-            )
-    return spec.replace(**changes) if changes else spec
-
-
-def _same_data(given: Any, kept: Any, out: Path) -> bool:
-    if isinstance(given, (str, Path)):
-        return str(given) == str(kept) or str(given) == runfolder.stored_data(out, kept)
-    if isinstance(kept, dict):
-        return describe_data(given).get("fingerprint") == kept.get("fingerprint") is not None
-    return False
+    shape = method.memory_shape(spec, tokenizer, prepared)  # one micro-batch: accumulation does not add to it
+    skel = skeleton(ref)
+    need = memory.estimate(skel, spec.lora, device, trainable=memory.trainable(skel, spec.lora), **shape)
+    memory.check(need, spec.where, spec.batch_size, spec.max_length, bool(spec.lora.quantize))
+    return need
 
 
 def run(method: Method, spec: TrainSpec) -> Run:
@@ -245,7 +181,7 @@ def _run(method: Method, spec: TrainSpec) -> Run:
     runfolder.set_status(out, "running")
     print(
         f"nbalign {method.name}: {plan.spec.model} on {plan.device} | {plan.adapter.describe()} | "
-        f"{plan.data.n_examples} examples, {plan.steps} steps -> {out}",
+        f"{plan.data.n_examples} examples, {plan.steps} steps | memory {plan.memory} -> {out}",
         flush=True,
     )
     error = _train(method, plan)
@@ -312,6 +248,7 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
     state = {"trainer": None, "model": None}
     outcome, message, summary, own_error = "failed", None, {}, False
     clock = plan.clock
+    meter = PeakMeter(plan.device)
     try:
         with clock.phase("loading"):
             model = method.load_model(plan)
@@ -381,7 +318,7 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
         state.clear()
         model = trainer = None
         # Status last: a folder that says "finished" has its weights and card. Where the time went comes first.
-        summary = {"time_s": clock.summary(), **summary}
+        summary = {"time_s": clock.summary(), **summary, **_memory_summary(plan.memory, meter)}
         runfolder.set_status(out, outcome, message, summary=summary)
         free_memory()
     print(f"nbalign {method.name}: {outcome} after {describe_times(summary['time_s'])}.", flush=True)
@@ -396,6 +333,13 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
     if outcome == "interrupted":
         print(f"nbalign: the run in {out} was interrupted and saved: {message}.")
     return None
+
+
+def _memory_summary(estimate, meter) -> dict:
+    """The estimate made before loading beside the peak measured while the run ran, in MiB."""
+    peak = meter.peak()
+    out = {"memory_estimate_mib": round(estimate.total / MiB)} if estimate is not None else {}
+    return {**out, "memory_peak_mib": round(peak / MiB)} if peak is not None else out
 
 
 def _trained_to_the_end(checkpoint: Path) -> bool:
@@ -440,6 +384,16 @@ def _summary(trainer, result) -> dict:
         summary["tokens"] = int(tokens)
         summary["tokens_per_s"] = round(tokens / metrics["train_runtime"], 1)
     return {k: v for k, v in summary.items() if v is not None}
+
+
+def start_model(plan: Plan):
+    """What the run starts from, for reusing its untrained measurements (evalcache); None if unknown."""
+    from ..evalcache import StartModel
+
+    try:
+        return StartModel.of(plan.ref, plan.adapter, plan.device)
+    except OSError:
+        return None
 
 
 def demos(rows: list, k: int) -> list:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import runfolder
-from ..runs import describe_times
+from ..clock import describe_times
 
 
 def model_card(method: str, plan, summary: dict, auto: str, notebook: str) -> str:

@@ -44,6 +44,19 @@ class PreferenceMethod(base.Method):
                  "demos": demos(train_rows[:len(train_rows) - len(replay)], spec.fewshot), "replay": replay}
         return base.Prepared(Dataset.from_list(train_rows), evals, len(train_rows), state)
 
+    def memory_shape(self, spec, tokenizer, prepared: base.Prepared) -> dict:
+        """Both answers of a pair (or an answer and its KL counterpart for KTO) go through the model at once."""
+        from ..text import assistant_text
+        from ..preference_data import prompt_lengths
+
+        rows = prepared.state["rows"]
+        prompts = prompt_lengths(rows, tokenizer)
+        answers = [max(len(tokenizer(assistant_text(r[k]), add_special_tokens=False)["input_ids"])
+                       for k in ("chosen", "rejected", "completion") if k in r) for r in rows]
+        longest = min(spec.max_length, max(p + a + 2 for p, a in zip(prompts, answers)))  # + end of turn
+        separate = spec.lora.type == "full" and not self.precompute(spec, 2, len(rows))
+        return {"sequences": 2 * spec.batch_size, "length": longest, "reference_copy": separate}
+
     def precompute(self, spec, steps: int, n_rows: int) -> bool:
         """Reference log-probs once before training, when that is cheaper: with full fine-tuning it saves a
         second copy of the model, and when the run sees its data more than once (epochs, or max_steps past
@@ -74,7 +87,8 @@ class PreferenceMethod(base.Method):
             data = eval_data(plan.state["train_records"], spec.general_text,
                              source="training (no eval_data given)", limit=16, **more)
         plan.state["watch"] = AlignmentWatch(data, plan.tokenizer, self.beta(spec), spec.eval_points,
-                                             spec.eval_max_new_tokens, folder=plan.out)
+                                             spec.eval_max_new_tokens, folder=plan.out,
+                                             start_model=base.start_model(plan))
         return [plan.state["watch"]]
 
     def finish(self, plan: base.Plan, trainer) -> dict:

@@ -53,6 +53,12 @@ class RewardMethod(base.Method):
         # The conversational pairs as checked, for the final evaluation.
         return base.Prepared(train, evals, n, {"pairs": pairs, "replay": mixed})
 
+    def memory_shape(self, spec: RewardSpec, tokenizer, prepared: base.Prepared) -> dict:
+        """Both answers of a pair are scored at once; the score head reads one position, not the vocabulary."""
+        rows = prepared.state["pairs"]["training data"]
+        longest = max(len(reward_input_ids(tokenizer, r["prompt"], r[k])) for r in rows for k in ("chosen", "rejected"))
+        return {"sequences": 2 * spec.batch_size, "length": min(spec.max_length, longest), "loss_tokens": 0}
+
     def config_defaults(self, spec: RewardSpec, device, steps: int, prepared) -> dict:
         return {
             **super().config_defaults(spec, device, steps, prepared),

@@ -83,6 +83,18 @@ class RLHF(base.Method):
         }
         return base.Prepared(Dataset.from_list(train), Dataset.from_list(evals) if evals else None, len(train), state)
 
+    def memory_shape(self, spec: RLHFSpec, tokenizer, prepared: base.Prepared) -> dict:
+        """A step generates batch_size answers (their KV cache), then trains on them: prompt and completion."""
+        from ..preference_data import prompt_lengths
+
+        rows = [{"prompt": r["prompt"]} for r in prepared.train]
+        prompt = max(prompt_lengths(rows, tokenizer)) if rows and isinstance(rows[0]["prompt"], list) else \
+            max(len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows)
+        length = min(spec.max_length, prompt + spec.max_completion_length)
+        return {"sequences": spec.batch_size, "length": length,
+                "loss_tokens": spec.batch_size * spec.max_completion_length,
+                "generated": spec.batch_size * length}
+
     def extra_callbacks(self, plan: base.Plan) -> list:
         from ..callbacks import AlignmentWatch
         from ..evaluation import EvalData, general_texts
@@ -92,7 +104,7 @@ class RLHF(base.Method):
         data = EvalData(general_text=general_texts(None), source=plan.state["eval_source"],
                         prompt_list=plan.state["eval_prompts"])
         plan.state["watch"] = AlignmentWatch(data, plan.tokenizer, plan.spec.beta, 0, plan.spec.max_completion_length,
-                                             folder=plan.out)
+                                             folder=plan.out, start_model=base.start_model(plan))
         return [plan.state["watch"]]
 
     def config_defaults(self, spec: RLHFSpec, device, steps: int, prepared) -> dict:

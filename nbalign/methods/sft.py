@@ -86,7 +86,7 @@ class SFT(base.Method):
         data = sft_eval_data(state["held"], spec.general_text, state["source"], probe=spec.probe,
                              demos=state["demos"])
         state["watch"] = AlignmentWatch(data, plan.tokenizer, 0.0, spec.eval_points, spec.eval_max_new_tokens,
-                                        folder=plan.out)
+                                        folder=plan.out, start_model=base.start_model(plan))
         return [state["watch"]]
 
     def finish(self, plan: base.Plan, trainer) -> dict:

@@ -1,0 +1,254 @@
+"""How much memory a run will need, worked out before anything is loaded, and whether the device has it.
+
+The estimate is built from the model's architecture (read on the meta device: no weights), the adapter, the
+method, the batch and the longest sequence the data holds:
+
+- weights: every parameter in the number format it is loaded in (fp32 on a CPU, bf16 on CUDA; NF4 linear
+  layers with 4-bit QLoRA), plus a second copy for a method that keeps a separate reference model;
+- training state: each trainable parameter's gradient and AdamW's two moments, in fp32;
+- activations: what the backward pass keeps for each token of the largest batch, layer by layer (the inputs of
+  every linear layer and norm, queries, keys and values, the attention output, the MLP's four intermediate
+  vectors, and each adapted layer's dropped-out input), in the compute format (bf16 under autocast), plus the
+  head's log-probs on the tokens the loss reads;
+- generation (online RL): the KV cache of every completion generated for one step.
+
+On the CPU the figure is what the run adds to the process (its resident set before loading the model is not
+counted: Python and the libraries); it is checked against the measured peak in tests/test_memory.py. On CUDA it
+is the allocator's peak. A run whose estimate does not fit in the free memory stops before loading, with the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .errors import NbalignError
+
+MiB = 2**20
+
+
+@dataclass
+class Estimate:
+    """Bytes a run needs, by part, and what the device has free."""
+
+    parts: dict = field(default_factory=dict)
+    available: int | None = None
+    where: str = "memory"
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.parts.values()))
+
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{name} {value / MiB:,.0f}" for name, value in self.parts.items() if value >= MiB / 2)
+        free = f" of {self.available / MiB:,.0f} MiB free" if self.available is not None else ""
+        return f"about {self.total / MiB:,.0f} MiB{free} ({shown} MiB)"
+
+
+def architecture(skel) -> dict:
+    """The sizes the estimate needs, from a model on the meta device."""
+    config = skel.config.get_text_config() if hasattr(skel.config, "get_text_config") else skel.config
+    hidden = config.hidden_size
+    heads = getattr(config, "num_attention_heads", 1)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return {
+        "hidden": hidden,
+        "intermediate": getattr(config, "intermediate_size", 4 * hidden),
+        "layers": config.num_hidden_layers,
+        "kv_width": kv * head_dim,
+        "q_width": heads * head_dim,
+        "vocab": config.vocab_size,
+        "params": sum(p.numel() for p in skel.parameters()),
+    }
+
+
+def activation_elements(arch: dict, adapter) -> int:
+    """Values the backward pass keeps per token and layer (see the module's list)."""
+    h, i, q, kv = arch["hidden"], arch["intermediate"], arch["q_width"], arch["kv_width"]
+    # Two norms (input and output each), q/k/v before and after the rotation, the attention's output and its
+    # log-sum-exp, the output projection's input, and the MLP's gate, up, activation and product.
+    kept = 4 * h + 2 * (q + 2 * kv) + 2 * q + h + 4 * i
+    if adapter.type in ("lora", "dora"):
+        targets = adapter.target_modules
+        adapted = _adapted_inputs(arch, targets)
+        kept += adapted if adapter.dropout > 0 else 0
+    return kept
+
+
+def _adapted_inputs(arch: dict, targets) -> int:
+    """Width of the inputs of the adapted layers (each keeps its dropped-out input for the backward pass)."""
+    h, i = arch["hidden"], arch["intermediate"]
+    widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": arch["q_width"], "gate_proj": h, "up_proj": h,
+              "down_proj": i}
+    if targets == "all-linear" or targets is None:
+        return sum(widths.values())
+    names = [targets] if isinstance(targets, str) else list(targets)
+    return sum(widths.get(name, h) for name in names)
+
+
+def trainable(skel, adapter) -> int:
+    """Parameters the optimizer updates: all of them for full fine-tuning; r x (in + out) per adapted linear layer
+    for LoRA (plus DoRA's magnitude vector, one value per output)."""
+    if adapter.type == "full":
+        return sum(p.numel() for p in skel.parameters())
+    targets = adapter.target_modules
+    names = None if targets in ("all-linear", None) else ({targets} if isinstance(targets, str) else set(targets))
+    count = 0
+    for name, module in skel.named_modules():
+        if type(module).__name__ != "Linear" or name.endswith("lm_head"):
+            continue
+        if names is not None and name.rsplit(".", 1)[-1] not in names:
+            continue
+        count += adapter.r * (module.in_features + module.out_features)
+        if adapter.type == "dora":
+            count += module.out_features
+    return count
+
+
+def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens: int | None = None,
+             reference_copy: bool = False, generated: int = 0, trainable: int | None = None) -> Estimate:
+    """The peak memory of training `sequences` sequences of `length` tokens at once (the largest batch)."""
+    arch = architecture(skel)
+    params = arch["params"]
+    weight_bytes = 2 if device.bf16 else 4
+    quantized = 0
+    if getattr(adapter, "quantize", None):
+        quantized = sum(m.weight.numel() for n, m in skel.named_modules()
+                        if type(m).__name__ == "Linear" and not n.endswith("lm_head"))
+    weights = (params - quantized) * weight_bytes + quantized * (0.5 + 1 / 64)
+    if trainable is None:
+        trainable = params if adapter.type == "full" else 0
+    tokens = sequences * length
+    # Bytes per counted value, measured on SmolLM2-135M (tests/test_memory.py checks them): on a CPU with bf16
+    # autocast, 6 (the fp32 value and its bf16 copy for the matrix multiply; 2.74-3.07 MiB per token measured
+    # with LoRA at 720-2880 tokens, this count gives 2.93).
+    # Measured in fp32 (no autocast): 3.84 MiB per token, 7.5 bytes per counted value: the count leaves out the
+    # dropout masks, the activation's and the rotation's temporaries. On CUDA in bf16: half of that (not measured
+    # here: no GPU was lent).
+    compute_bytes = 3.75 if device.bf16 else 6 if device.amp else 7.5
+    per_token = activation_elements(arch, adapter) * arch["layers"] * compute_bytes
+    loss_tokens = tokens if loss_tokens is None else loss_tokens
+    parts = {
+        "weights": weights,
+        "reference": weights if reference_copy else 0,
+        # fp32 gradient and AdamW's two moments (and the weight itself for an adapter's new parameters).
+        "gradients and optimizer": trainable * (12 if adapter.type == "full" else 16),
+        "activations": tokens * per_token,
+        # The head runs in tiles over the tokens the loss reads: one tile of logits, and each token's log-prob.
+        "head": min(loss_tokens, 1024) * arch["vocab"] * 4 * 2 if loss_tokens else 0,
+        "generation": generated * arch["layers"] * 2 * arch["kv_width"] * (2 if device.bf16 else 4),
+    }
+    if device.type == "cpu" and device.amp and adapter.type == "full":
+        parts["weights"] += params * 2  # autocast's bf16 copies of trainable weights, kept for the step
+    return Estimate({k: int(v) for k, v in parts.items() if v}, available(device), str(device))
+
+
+def available(device) -> int | None:
+    """Free memory on the device: CUDA's free bytes, or the CPU's available memory (within a cgroup's limit).
+    NBALIGN_MEMORY_LIMIT (bytes, or with a MiB/GiB suffix) overrides it."""
+    forced = os.environ.get("NBALIGN_MEMORY_LIMIT")
+    if forced:
+        return parse_bytes(forced)
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    if device.type != "cpu":
+        return None
+    free = _meminfo_available()
+    limit = _cgroup_free()
+    values = [v for v in (free, limit) if v is not None]
+    return min(values) if values else None
+
+
+def parse_bytes(text: str) -> int:
+    value = text.strip().lower()
+    for suffix, scale in (("gib", 2**30), ("gb", 10**9), ("mib", MiB), ("mb", 10**6), ("kib", 1024)):
+        if value.endswith(suffix):
+            return int(float(value[: -len(suffix)]) * scale)
+    return int(float(value))
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _cgroup_free() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="utf-8") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current", encoding="utf-8") as f:
+            used = int(f.read().strip())
+        return int(limit) - used
+    except (OSError, ValueError):
+        return None
+
+
+def check(est: Estimate, where: str, batch_size: int, max_length: int, quantized: bool) -> None:
+    """Stop before loading when the run will not fit, naming the fixes that would make it fit."""
+    if est.fits():
+        return
+    fixes = []
+    if not quantized:
+        fixes.append("`%%lora quantize: 4bit` (QLoRA: the base weights take about a quarter)")
+    fixes.append(f"a shorter max_length (now {max_length})")
+    if batch_size > 1:
+        fixes.append(f"a smaller batch_size with gradient_accumulation_steps to keep the effective batch "
+                     f"(e.g. batch_size: {max(1, batch_size // 4)}, gradient_accumulation_steps: "
+                     f"{batch_size // max(1, batch_size // 4)})")
+    raise NbalignError(
+        f"{where}: this run needs {est}, more than the {est.where} has free "
+        f"({est.available / MiB:,.0f} MiB); it was stopped before loading the model.",
+        "try " + "; or ".join(fixes) + ".",
+    )
+
+
+class PeakMeter:
+    """The peak memory a run adds, measured: CUDA's allocator peak, or on Linux the process's peak resident set
+    (reset when the run starts, through /proc/self/clear_refs) above what it held before loading."""
+
+    def __init__(self, device):
+        self.device, self.before = device, None
+        try:
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.reset_peak_memory_stats()
+                self.before = torch.cuda.memory_allocated()
+            else:
+                with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+                    f.write("5")
+                self.before = _status("VmRSS:")
+        except (OSError, ImportError, RuntimeError):
+            self.before = None
+
+    def peak(self) -> int | None:
+        if self.before is None:
+            return None
+        if self.device.type == "cuda":
+            import torch
+
+            return int(torch.cuda.max_memory_allocated() - self.before)
+        high = _status("VmHWM:")
+        return high - self.before if high is not None else None
+
+
+def _status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(field)), None)
+    except OSError:
+        return None

@@ -1,0 +1,101 @@
+"""The memory check before every run: the estimate is in the run's first line, a run that will not fit stops
+before loading with the fix, and the estimate is within 25% of the peak measured on the built-in model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import chats
+
+import nbalign
+from nbalign.errors import NbalignError
+
+
+def test_a_run_that_will_not_fit_stops_before_loading_and_names_the_fix(tiny_model, in_tmp, monkeypatch, capsys):
+    from nbalign import models
+
+    loaded = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    monkeypatch.setenv("NBALIGN_MEMORY_LIMIT", "1MiB")
+    with pytest.raises(NbalignError) as caught:
+        nbalign.sft(chats(8), model=tiny_model, out="runs/big", batch_size=4, max_length=256)
+    message = str(caught.value)
+    assert "this run needs about" in message and "1 MiB" in message and "stopped before loading" in message
+    assert "quantize: 4bit" in message and "max_length (now 256)" in message
+    assert "batch_size: 1, gradient_accumulation_steps: 4" in message
+    assert not loaded and not (in_tmp / "runs" / "big").exists()
+
+    monkeypatch.setenv("NBALIGN_MEMORY_LIMIT", "64GiB")
+    nbalign.sft(chats(8), model=tiny_model, out="runs/ok", batch_size=4, epochs=1)
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("nbalign sft:"))
+    assert "| memory about " in first and "of 65,536 MiB free (weights" in first and "activations" in first
+
+
+def test_the_estimate_grows_with_what_the_run_holds(smollm2_dir):
+    """More tokens, full fine-tuning, 4-bit weights and a separate reference move the estimate the right way."""
+    from nbalign.devices import Device
+    from nbalign.memory import estimate, trainable
+    from nbalign.models import resolve, skeleton
+    from nbalign.specs import AdapterSpec
+
+    skel = skeleton(resolve("smollm2-135m"))
+    cpu = Device("cpu", False, amp=True)
+    lora, full, qlora = AdapterSpec(), AdapterSpec.from_dict({"type": "full"}), AdapterSpec.from_dict({"quantize": "4bit"})
+    small = estimate(skel, lora, cpu, sequences=4, length=100, trainable=trainable(skel, lora))
+    assert estimate(skel, lora, cpu, sequences=8, length=100, trainable=trainable(skel, lora)).parts["activations"] \
+        == 2 * small.parts["activations"]
+    assert trainable(skel, lora) == 4_884_480  # what peft reports for r=16 on all-linear
+    whole = estimate(skel, full, cpu, sequences=4, length=100, trainable=trainable(skel, full))
+    assert whole.parts["gradients and optimizer"] == 12 * 134_515_008
+    assert estimate(skel, qlora, cpu, sequences=4, length=100).parts["weights"] < small.parts["weights"] / 2
+    assert estimate(skel, full, cpu, sequences=4, length=100, reference_copy=True).total > whole.total - \
+        whole.parts["gradients and optimizer"]
+
+
+MEASURE = r"""
+import json, sys
+import nbalign
+
+def rss(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))
+
+text = " ".join(f"word{i % 50}" for i in range(30))
+sft_rows = [{"messages": [{"role": "user", "content": f"Question {i}: {text}"},
+                          {"role": "assistant", "content": f"Answer {i}: {text}"}]} for i in range(8)]
+pairs = [{"prompt": f"Question {i}: {text}", "chosen": f"Yes {i}: {text}", "rejected": f"No {i}: {text} {text}"}
+         for i in range(4)]
+import transformers, trl, peft
+out = []
+calls = {"sft": lambda: nbalign.sft(sft_rows, out="runs/sft", batch_size=4, max_steps=2, watch=False),
+         "dpo": lambda: nbalign.dpo(pairs, out="runs/dpo", batch_size=2, max_steps=2, watch=False)}
+for name, call in [(sys.argv[1], calls[sys.argv[1]])]:
+    open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the present resident set
+    before = rss("VmRSS:")
+    run = call()
+    summary = json.loads((run.path / "status.json").read_text())["summary"]
+    out.append({"method": name, "peak": rss("VmHWM:") - before, "estimate": summary["memory_estimate_mib"] * 2**20,
+                "run_peak": summary["memory_peak_mib"] * 2**20})
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_the_estimate_is_within_a_quarter_of_the_measured_peak(smollm2_dir, tmp_path):
+    """Two steps of SFT (4 x 200 tokens) and DPO (2 pairs, 4 sequences of up to 300 tokens) with LoRA on the
+    built-in model, each against its fresh process's peak resident set above what it held before the run."""
+    results = []
+    for method in ("sft", "dpo"):  # each in a fresh process: memory a run freed may stay with the process
+        proc = subprocess.run([sys.executable, "-c", MEASURE, method], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results += json.loads(proc.stdout.split("RESULT ", 1)[1])
+    for r in results:
+        ratio = r["estimate"] / r["peak"]
+        print(f"{r['method']}: estimate {r['estimate'] / 2**20:.0f} MiB, measured {r['peak'] / 2**20:.0f} MiB, "
+              f"ratio {ratio:.2f}")
+        assert 0.75 <= ratio <= 1.25, results
+        assert abs(r["run_peak"] - r["peak"]) <= 0.1 * r["peak"], results  # the run's own figure says the same
