@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -55,6 +56,11 @@ def main(argv=None) -> int:
         import nbalign
 
         if args.command == "run":
+            from nbalign.methods.launch import LAUNCHED
+
+            if os.environ.get(LAUNCHED):  # started by --launch: train here, in the folder the launcher wrote
+                run = nbalign.replay(args.spec, out=args.out, launch="here", num_processes=1, accelerate_config=None)
+                return 0  # the run folder's status says how it went; the launcher reads it
             run = nbalign.replay(args.spec, out=args.out, overwrite=args.overwrite)
             print(run)
             return 0 if run.status == "finished" else 1

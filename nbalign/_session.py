@@ -7,7 +7,7 @@ object: `nbalign.session.reset()`).
 
 from __future__ import annotations
 
-from .specs import AdapterSpec
+from .adapters import AdapterSpec
 
 
 class Session:

@@ -13,7 +13,8 @@ from .errors import NbalignError
 from .preference_specs import DPOSpec, KTOSpec, RewardSpec, RLHFSpec
 from .runs import Run
 from .runs import list_runs as _list_runs
-from .specs import BUILTIN_MODEL, DATA_FIELDS, AdapterSpec, SFTSpec, TrainSpec, resolve_adapter
+from .adapters import AdapterSpec, resolve_adapter
+from .specs import BUILTIN_MODEL, DATA_FIELDS, SFTSpec, TrainSpec
 
 # method name -> (spec class, module under methods/, function there)
 METHODS = {

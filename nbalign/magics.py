@@ -13,7 +13,9 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from .errors import NbalignError, unknown_option
 from .preference_specs import DPOSpec, KTOSpec, RewardSpec, RLHFSpec
-from .specs import AdapterSpec, SFTSpec, Spec, _base_type
+from .adapters import AdapterSpec
+from .spec_fields import Spec, _base_type
+from .specs import SFTSpec
 
 # Spec fields whose value may name a notebook variable (or, for `reward`, a list of them).
 NAMESPACE_FIELDS = {"data", "eval_data", "general_text", "reward"}

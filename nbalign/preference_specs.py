@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import NbalignError, nearest
-from .specs import TrainSpec, WatchSpec, choice, coerce, opt
+from .spec_fields import choice, coerce, opt
+from .specs import TrainSpec, WatchSpec
 
 
 PRECOMPUTE = ("auto", True, False)

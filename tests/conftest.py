@@ -46,6 +46,8 @@ LONGEST = {
     "test_reward_model_notebook_trains_scores_and_shows_where_it_fails": 77,
     "test_label_and_align_notebook_labels_model_answers_and_trains_on_them": 76,
     "test_reward_model_learns_the_terse_style_on_the_builtin_model": 72,
+    "test_the_estimate_is_within_a_quarter_of_the_measured_peak": 50,
+    "test_two_cpu_processes_under_accelerate_reach_the_single_process_loss": 50,
 }
 
 

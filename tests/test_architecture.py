@@ -12,13 +12,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nbalign"
 # import each other, but never in a circle. A new module must be placed here.
 LAYERS = {
     "errors": 0, "version": 0, "clock": 0,
-    "specs": 1, "preference_specs": 1, "text": 1, "outcomes": 1,
+    "spec_fields": 1, "specs": 1, "adapters": 1, "preference_specs": 1, "text": 1, "outcomes": 1,
     # the engine
     "runfolder": 2, "devices": 2, "models": 2, "data": 2, "preference_data": 2, "scoring": 2, "tokens": 2, "generation": 2,
     "evaluation": 2, "evalcache": 2, "memory": 2, "results": 2, "mixing": 2, "callbacks": 2, "plots": 2, "examples": 2,
     "labeling": 2, "labeling.rows": 2, "labeling.store": 2,
     "runs": 3, "labeling.candidates": 3, "labeling.judge": 3, "labeling.agreement": 3, "labeling.constitution": 3, "labeling.widgets": 3, "labeling.live": 4,
-    "methods": 4, "methods.base": 4, "methods.card": 4, "methods.config": 4, "methods.inputs": 4, "methods.sft": 4, "methods.preference": 4,
+    "methods": 4, "methods.base": 4, "methods.card": 4, "methods.config": 4, "methods.inputs": 4, "methods.launch": 4, "methods.watching": 4, "methods.sft": 4, "methods.preference": 4,
     "methods.dpo": 4, "methods.kto": 4, "methods.reward": 4, "methods.rewards": 4, "methods.rlhf": 4,
     "_session": 5, "api": 5,
     "magics": 6,

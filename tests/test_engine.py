@@ -105,7 +105,7 @@ def test_dora_full_and_qlora_train_and_save(tiny_model, in_tmp, adapter, saved):
 def test_qlora_report_shrinks_base_memory_and_matches_the_loaded_model(tiny_model):
     from nbalign.devices import pick_device
     from nbalign.models import load_model, resolve
-    from nbalign.specs import AdapterSpec
+    from nbalign.adapters import AdapterSpec
 
     plain = nbalign.lora(r=4, model=tiny_model)
     quant = nbalign.lora(r=4, quantize="4bit", model=tiny_model)
@@ -247,7 +247,8 @@ def test_the_summary_says_where_the_time_went(tiny_model, in_tmp, monkeypatch, c
     times = run.summary["time_s"]
     assert list(times) == ["loading", "data", "training", "evaluation", "saving"]
     assert all(v >= 0 for v in times.values()) and times["data"] > 0 and times["training"] > 0, times
-    # Outside the phases: writing the status and freeing memory (a garbage collection, ~0.3 s here).
+    # Outside the phases: building the spec, writing the status, printing (well under a second, even on a busy
+    # machine once the garbage collection that frees the model was counted as saving).
     assert wall - 1.0 <= sum(times.values()) <= wall, (times, wall)
     assert times["evaluation"] >= 3 * 0.6, times  # before, at the middle step, after
     # The trainer's own clock holds the measurements made during training; the training phase does not.

@@ -50,7 +50,7 @@ def test_sft_magic_builds_the_spec_from_line_and_body(ip, captured):
 
 def test_sft_magic_takes_a_path_when_no_variable_has_that_name(ip, captured):
     import nbalign
-    from nbalign.specs import AdapterSpec
+    from nbalign.adapters import AdapterSpec
 
     nbalign.session.adapter = AdapterSpec(r=8, target_modules=["q_proj", "v_proj"], dropout=0.1)
     ip.run_cell_magic("sft", "--data data/chats.jsonl --model runs/sft1", "lora: {r: 4}")

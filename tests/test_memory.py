@@ -39,7 +39,7 @@ def test_the_estimate_grows_with_what_the_run_holds(smollm2_dir):
     from nbalign.devices import Device
     from nbalign.memory import estimate, trainable
     from nbalign.models import resolve, skeleton
-    from nbalign.specs import AdapterSpec
+    from nbalign.adapters import AdapterSpec
 
     skel = skeleton(resolve("smollm2-135m"))
     cpu = Device("cpu", False, amp=True)

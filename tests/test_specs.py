@@ -1,7 +1,8 @@
 import pytest
 
 from nbalign.errors import NbalignError
-from nbalign.specs import AdapterSpec, SFTSpec
+from nbalign.adapters import AdapterSpec
+from nbalign.specs import SFTSpec
 
 
 def test_yaml_strings_are_coerced_to_field_types():

@@ -21,10 +21,13 @@ from ..generation import CACHE
 from ..memory import MiB, PeakMeter
 from ..clock import Clock, describe_times
 from ..runs import Run
-from ..specs import DATA_FIELDS, AdapterSpec, TrainSpec, describe_data
+from ..adapters import AdapterSpec
+from ..spec_fields import describe_data
+from ..specs import DATA_FIELDS, TrainSpec
 from .card import model_card
 from .config import checked_trl_fields, common_defaults, planned_steps, trl_config
 from .inputs import check_overwrite, in_memory_records, resume_spec
+from .launch import finished_run, is_main_process, launch, launched_here, world_size
 
 
 @dataclass
@@ -82,9 +85,10 @@ class Method:
     def memory_shape(self, spec, tokenizer, prepared: Prepared) -> dict:
         """The largest batch the run trains on, for the memory estimate: sequences at once and their length (the
         longest row, within max_length), the tokens the loss reads, a separate reference copy, generated tokens."""
-        lengths = [len(ids) for ids in prepared.train["input_ids"]] if "input_ids" in prepared.train.column_names \
-            else [spec.max_length]
-        longest = min(max(lengths), spec.max_length)
+        columns = prepared.train.column_names
+        lengths = [len(ids) for ids in prepared.train["input_ids"]] if "input_ids" in columns else [spec.max_length]
+        packed = getattr(spec, "packing", False)  # packed rows fill max_length
+        longest = spec.max_length if packed else min(max(lengths), spec.max_length)
         return {"sequences": spec.batch_size, "length": longest}
 
     def planned_steps(self, spec, n_examples: int, extra: dict) -> int:
@@ -130,13 +134,15 @@ def plan_run(method: Method, spec: TrainSpec) -> Plan:
     from ..models import check_targets, load_tokenizer, resolve, skeleton
 
     out = Path(spec.out) if spec.out else runfolder.default_out(method.name)
-    runfolder.prepare_folder(out, resume=spec.resume, overwrite=spec.overwrite)
+    if not launched_here(out):  # a launched process trains the folder its launcher checked and wrote
+        runfolder.prepare_folder(out, resume=spec.resume, overwrite=spec.overwrite)
     if spec.resume:
         spec = resume_spec(spec, out)
     config_class = method.config_class(spec)
     extra = checked_trl_fields(config_class, spec)  # before anything slow: a typo fails at once
     ref = resolve(spec.model)
-    check_targets(skeleton(ref), spec.lora, spec.model)
+    skel = skeleton(ref)
+    check_targets(skel, spec.lora, spec.model)
     device = pick_device()
     check_overwrite(spec, out, ref)
     tokenizer = load_tokenizer(ref)
@@ -145,17 +151,15 @@ def plan_run(method: Method, spec: TrainSpec) -> Plan:
     steps = method.planned_steps(spec, prepared.n_examples, extra)
     defaults = method.config_defaults(spec, device, steps, prepared)
     config = trl_config(config_class, spec, out, defaults, extra)
-    need = memory_needed(method, spec, ref, device, tokenizer, prepared, config)
+    need = memory_needed(method, spec, skel, device, tokenizer, prepared)
     return Plan(spec, out, ref, device, tokenizer, prepared, config, steps, records, memory=need)
 
 
-def memory_needed(method: Method, spec: TrainSpec, ref, device, tokenizer, prepared: Prepared, config):
+def memory_needed(method: Method, spec: TrainSpec, skel, device, tokenizer, prepared: Prepared):
     """The run's peak memory, estimated before loading; a run that will not fit stops here, with the fix."""
     from .. import memory
-    from ..models import skeleton
 
     shape = method.memory_shape(spec, tokenizer, prepared)  # one micro-batch: accumulation does not add to it
-    skel = skeleton(ref)
     need = memory.estimate(skel, spec.lora, device, trainable=memory.trainable(skel, spec.lora), **shape)
     memory.check(need, spec.where, spec.batch_size, spec.max_length, bool(spec.lora.quantize))
     return need
@@ -175,16 +179,23 @@ def _run(method: Method, spec: TrainSpec) -> Run:
         plan = plan_run(method, spec)
     plan.clock = clock
     out = plan.out
-    runfolder.start(out, overwrite=plan.spec.overwrite)
-    CACHE.release()  # the model kept for generation is not needed while training: free it first
-    _write_spec(method, plan)
-    runfolder.set_status(out, "running")
-    print(
-        f"nbalign {method.name}: {plan.spec.model} on {plan.device} | {plan.adapter.describe()} | "
-        f"{plan.data.n_examples} examples, {plan.steps} steps | memory {plan.memory} -> {out}",
-        flush=True,
-    )
-    error = _train(method, plan)
+    if plan.spec.launch != "here":
+        launch(method.name, plan, lambda: _write_spec(method, plan))
+        return finished_run(out)
+    main = is_main_process()
+    if not launched_here(out):
+        runfolder.start(out, overwrite=plan.spec.overwrite)
+        CACHE.release()  # the model kept for generation is not needed while training: free it first
+        _write_spec(method, plan)
+    if main:
+        runfolder.set_status(out, "running")
+        processes = f" x {world_size()} processes" if world_size() > 1 else ""
+        print(
+            f"nbalign {method.name}: {plan.spec.model} on {plan.device}{processes} | {plan.adapter.describe()} | "
+            f"{plan.data.n_examples} examples, {plan.steps} steps | memory {plan.memory} -> {out}",
+            flush=True,
+        )
+    error = _train(method, plan, main)
     if error is not None:
         raise error
     return Run(out)
@@ -237,9 +248,10 @@ def _write_spec(method: Method, plan: Plan) -> None:
     runfolder.write_spec(plan.out, payload)
 
 
-def _train(method: Method, plan: Plan) -> NbalignError | None:
+def _train(method: Method, plan: Plan, main: bool = True) -> NbalignError | None:
     """Train and save. Returns the error to raise, so the caller raises it after every frame that held the
-    model is gone (a traceback kept by IPython would otherwise keep the weights alive)."""
+    model is gone (a traceback kept by IPython would otherwise keep the weights alive). Only the main process
+    (`main`) of a distributed run writes to the run folder, measures and shows; the others only train."""
     from ..callbacks import InterruptGuard, LiveProgress, MetricsWriter, StopOnInterrupt
     from ..devices import free_memory
 
@@ -253,9 +265,9 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
         with clock.phase("loading"):
             model = method.load_model(plan)
             state["model"] = model
-            extras = method.extra_callbacks(plan)
-            callbacks = [MetricsWriter(out), *extras, LiveProgress(f"{method.name} {out.name}"),
-                         StopOnInterrupt(guard)]
+            extras = method.extra_callbacks(plan) if main else []
+            shown = [MetricsWriter(out), *extras, LiveProgress(f"{method.name} {out.name}")] if main else []
+            callbacks = [*shown, StopOnInterrupt(guard)]
         with clock.phase("data"):  # TRL's trainer tokenises the preference methods' rows as it is built
             trainer = method.build_trainer(plan, model, callbacks)
         for callback in extras:
@@ -274,8 +286,9 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
             clock.moved(getattr(callback, "seconds", 0.0), "training", "evaluation")
         summary = _summary(trainer, result)
         with clock.phase("saving"):
-            runfolder.save_weights(out, trainer.model, plan.tokenizer, full=plan.adapter.type == "full")
-        if not guard.requested:
+            if main:
+                runfolder.save_weights(out, trainer.model, plan.tokenizer, full=plan.adapter.type == "full")
+        if main and not guard.requested:
             try:
                 with clock.phase("evaluation"):
                     summary.update(method.finish(plan, trainer))
@@ -287,7 +300,7 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
                 summary["evaluation"] = f"failed: {type(exc).__name__}: {exc}"
                 runfolder.write_error_log(out, traceback.format_exc())
         outcome = "interrupted" if guard.requested else "finished"
-        if outcome == "finished":
+        if outcome == "finished" and main:
             with clock.phase("saving"):
                 timed = {"time_s": clock.summary(), **summary}  # so far: the card is the last thing saved
                 runfolder.write_card(out, model_card(method.name, plan, timed, *method.card_usage(plan)))
@@ -297,7 +310,7 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
         # Stopped mid-step: the weights are saved as they are, but a checkpoint written now could catch the
         # optimizer half-way, so --resume goes back to the last checkpoint saved between steps.
         trainer = state["trainer"]
-        if trainer is not None:
+        if trainer is not None and main:
             runfolder.save_weights(out, trainer.model, plan.tokenizer, full=plan.adapter.type == "full")
         last = runfolder.latest_checkpoint(out)
         outcome = "interrupted"
@@ -310,17 +323,24 @@ def _train(method: Method, plan: Plan) -> NbalignError | None:
         outcome, message, own_error = "failed", exc.message, True
     except Exception as exc:  # noqa: BLE001 - recorded in the run folder and reported as one paragraph
         outcome, message = "failed", f"{type(exc).__name__}: {exc}"
-        runfolder.write_error_log(out, traceback.format_exc())
+        if main:
+            runfolder.write_error_log(out, traceback.format_exc())
     finally:
         trainer = state["trainer"]
         if trainer is not None:
             trainer.accelerator.free_memory()
         state.clear()
         model = trainer = None
-        # Status last: a folder that says "finished" has its weights and card. Where the time went comes first.
-        summary = {"time_s": clock.summary(), **summary, **_memory_summary(plan.memory, meter)}
-        runfolder.set_status(out, outcome, message, summary=summary)
-        free_memory()
+        try:
+            with clock.phase("saving"):  # freeing the model (a garbage collection) is part of the run's time
+                free_memory()
+        finally:
+            # Status last: a folder that says "finished" has its weights and card. Where the time went comes first.
+            summary = {"time_s": clock.summary(), **summary, **_memory_summary(plan.memory, meter)}
+            if main:
+                runfolder.set_status(out, outcome, message, summary=summary)
+    if not main:
+        return None  # the main process reports the run
     print(f"nbalign {method.name}: {outcome} after {describe_times(summary['time_s'])}.", flush=True)
     if outcome == "failed":
         if own_error:
@@ -384,39 +404,3 @@ def _summary(trainer, result) -> dict:
         summary["tokens"] = int(tokens)
         summary["tokens_per_s"] = round(tokens / metrics["train_runtime"], 1)
     return {k: v for k, v in summary.items() if v is not None}
-
-
-def start_model(plan: Plan):
-    """What the run starts from, for reusing its untrained measurements (evalcache); None if unknown."""
-    from ..evalcache import StartModel
-
-    try:
-        return StartModel.of(plan.ref, plan.adapter, plan.device)
-    except OSError:
-        return None
-
-
-def demos(rows: list, k: int) -> list:
-    """k (prompt, answer) demonstrations spread over the training rows, for the prompting baseline."""
-    from ..evaluation import demonstrations, split_turns
-
-    return [split_turns(r) for r in demonstrations(rows, k)]
-
-
-def watch_summary(watch, out) -> dict:
-    """The watch's start and end measurements as an Evaluation: printed, saved to evaluation.json, and
-    flattened into the run's summary."""
-    from ..results import Evaluation, save
-
-    if watch is not None and watch.failed is not None:
-        return {"evaluation_failed": watch.failed}
-    if watch is None or watch.first is None or watch.last is None:
-        return {}
-    before = dict(watch.first)
-    # At step 0 the policy is the reference: its implicit rewards are all zero (chance) and its KL is zero.
-    before.update({k: v for k, v in (("accuracy", 0.5), ("margin", 0.0), ("chosen_logp_change", 0.0),
-                                     ("label_accuracy", 0.5), ("kl", 0.0)) if k in watch.last})
-    evaluation = Evaluation(before, watch.last, watch.data.source, watch.data.prompts, watch.baseline)
-    save(evaluation, out)
-    print(evaluation, flush=True)
-    return evaluation.summary()

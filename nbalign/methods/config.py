@@ -10,7 +10,9 @@ from typing import Any
 
 from ..errors import NbalignError, unknown_option
 from ..runfolder import checkpoints_dir
-from ..specs import TrainSpec, coerce
+from ..spec_fields import coerce
+from ..specs import TrainSpec
+from .launch import world_size
 
 # Config fields nbalign sets from the run itself; a body that sets them would break the run folder.
 RESERVED = {"output_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id"}
@@ -39,6 +41,8 @@ def common_defaults(spec: TrainSpec, device, steps: int) -> dict:
         "save_total_limit": 1,
         "report_to": "none",
         "dataset_num_proc": None,
+        # Several processes (--launch accelerate) on CPUs talk through gloo; NCCL needs GPUs.
+        **({"ddp_backend": "gloo"} if device.type == "cpu" and world_size() > 1 else {}),
     }
 
 

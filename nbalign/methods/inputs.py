@@ -8,7 +8,8 @@ from typing import Any
 
 from .. import runfolder
 from ..errors import NbalignError
-from ..specs import DATA_FIELDS, TrainSpec, describe_data
+from ..spec_fields import describe_data
+from ..specs import DATA_FIELDS, TrainSpec
 
 
 def check_overwrite(spec: TrainSpec, out: Path, ref) -> None:

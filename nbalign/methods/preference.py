@@ -8,7 +8,7 @@ from ..data import load_records
 from ..text import assistant_text
 from ..preference_data import check_prompt_lengths
 from ..preference_specs import PreferenceSpec
-from . import base
+from . import base, watching
 
 
 class PreferenceMethod(base.Method):
@@ -88,11 +88,11 @@ class PreferenceMethod(base.Method):
                              source="training (no eval_data given)", limit=16, **more)
         plan.state["watch"] = AlignmentWatch(data, plan.tokenizer, self.beta(spec), spec.eval_points,
                                              spec.eval_max_new_tokens, folder=plan.out,
-                                             start_model=base.start_model(plan))
+                                             start_model=watching.start_model(plan))
         return [plan.state["watch"]]
 
     def finish(self, plan: base.Plan, trainer) -> dict:
-        return base.watch_summary(plan.state.get("watch"), plan.out)
+        return watching.watch_summary(plan.state.get("watch"), plan.out)
 
 
 def demos(rows: list[dict], k: int) -> list:

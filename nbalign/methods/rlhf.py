@@ -23,7 +23,7 @@ from ..preference_data import prompt_lengths, to_prompts
 from ..runs import Run
 from ..preference_specs import RLHFSpec
 from ..text import prompt_text, rows_hint
-from . import base
+from . import base, watching
 from .rewards import WHERE, describe_rewards, resolve_rewards
 
 # The logged curves (TRL 1.16 key names): mean reward, KL to the reference, mean answer length in tokens.
@@ -104,7 +104,7 @@ class RLHF(base.Method):
         data = EvalData(general_text=general_texts(None), source=plan.state["eval_source"],
                         prompt_list=plan.state["eval_prompts"])
         plan.state["watch"] = AlignmentWatch(data, plan.tokenizer, plan.spec.beta, 0, plan.spec.max_completion_length,
-                                             folder=plan.out, start_model=base.start_model(plan))
+                                             folder=plan.out, start_model=watching.start_model(plan))
         return [plan.state["watch"]]
 
     def config_defaults(self, spec: RLHFSpec, device, steps: int, prepared) -> dict:
@@ -158,7 +158,7 @@ class RLHF(base.Method):
         return trainer
 
     def finish(self, plan: base.Plan, trainer) -> dict:
-        from .base import watch_summary
+        from .watching import watch_summary
 
         summary = rl_summary(trainer.state.log_history)
         if summary.get("reward_first") is None:

@@ -13,7 +13,7 @@ from .. import mixing
 from ..data import load_records, to_conversations
 from ..tokens import check_sft_lengths, tokenize_sft
 from ..specs import SFTSpec
-from . import base
+from . import base, watching
 
 # Held-out slices are taken from data sets of at least this many rows, and hold at most this many.
 SPLIT_FROM, SPLIT_MAX = 20, 32
@@ -62,7 +62,7 @@ class SFT(base.Method):
         train = tokenized(rows + replay, "training data")
         unseen = held is not None and source != TRAINING_SAMPLE
         evals = tokenized(held, "eval data") if unseen else None  # TRL's eval loss per epoch, on unseen rows
-        state = {"held": held, "source": source, "demos": base.demos(rows, spec.fewshot), "replay": replay}
+        state = {"held": held, "source": source, "demos": watching.demos(rows, spec.fewshot), "replay": replay}
         return base.Prepared(train, evals, len(rows) + len(replay), state)
 
     def config_defaults(self, spec: SFTSpec, device, steps: int, prepared) -> dict:
@@ -86,11 +86,11 @@ class SFT(base.Method):
         data = sft_eval_data(state["held"], spec.general_text, state["source"], probe=spec.probe,
                              demos=state["demos"])
         state["watch"] = AlignmentWatch(data, plan.tokenizer, 0.0, spec.eval_points, spec.eval_max_new_tokens,
-                                        folder=plan.out, start_model=base.start_model(plan))
+                                        folder=plan.out, start_model=watching.start_model(plan))
         return [state["watch"]]
 
     def finish(self, plan: base.Plan, trainer) -> dict:
-        return base.watch_summary(plan.state.get("watch"), plan.out)
+        return watching.watch_summary(plan.state.get("watch"), plan.out)
 
 
 def sft(spec: SFTSpec):
