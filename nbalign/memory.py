@@ -66,28 +66,26 @@ def architecture(skel) -> dict:
     }
 
 
-def activation_elements(arch: dict, adapter) -> int:
-    """Values the backward pass keeps per token and layer (see the module's list)."""
+def linear_layers(skel, adapter=None) -> list:
+    """The linear layers an adapter can target (lm_head excluded, as peft's all-linear does), or those `adapter`
+    targets."""
+    targets = getattr(adapter, "target_modules", None)
+    names = None if targets in ("all-linear", None) else ({targets} if isinstance(targets, str) else set(targets))
+    return [module for name, module in skel.named_modules()
+            if type(module).__name__ == "Linear" and not name.endswith("lm_head")
+            and (names is None or name.rsplit(".", 1)[-1] in names)]
+
+
+def activation_elements(arch: dict, adapter, adapted: list) -> int:
+    """Values the backward pass keeps per token and layer (see the module's list); `adapted`: the adapted layers,
+    each of which keeps its dropped-out input."""
     h, i, q, kv = arch["hidden"], arch["intermediate"], arch["q_width"], arch["kv_width"]
     # Two norms (input and output each), q/k/v before and after the rotation, the attention's output and its
     # log-sum-exp, the output projection's input, and the MLP's gate, up, activation and product.
     kept = 4 * h + 2 * (q + 2 * kv) + 2 * q + h + 4 * i
-    if adapter.type in ("lora", "dora"):
-        targets = adapter.target_modules
-        adapted = _adapted_inputs(arch, targets)
-        kept += adapted if adapter.dropout > 0 else 0
+    if adapter.type in ("lora", "dora") and adapter.dropout > 0:
+        kept += sum(m.in_features for m in adapted) // arch["layers"]
     return kept
-
-
-def _adapted_inputs(arch: dict, targets) -> int:
-    """Width of the inputs of the adapted layers (each keeps its dropped-out input for the backward pass)."""
-    h, i = arch["hidden"], arch["intermediate"]
-    widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": arch["q_width"], "gate_proj": h, "up_proj": h,
-              "down_proj": i}
-    if targets == "all-linear" or targets is None:
-        return sum(widths.values())
-    names = [targets] if isinstance(targets, str) else list(targets)
-    return sum(widths.get(name, h) for name in names)
 
 
 def trainable(skel, adapter) -> int:
@@ -95,33 +93,19 @@ def trainable(skel, adapter) -> int:
     for LoRA (plus DoRA's magnitude vector, one value per output)."""
     if adapter.type == "full":
         return sum(p.numel() for p in skel.parameters())
-    targets = adapter.target_modules
-    names = None if targets in ("all-linear", None) else ({targets} if isinstance(targets, str) else set(targets))
-    count = 0
-    for name, module in skel.named_modules():
-        if type(module).__name__ != "Linear" or name.endswith("lm_head"):
-            continue
-        if names is not None and name.rsplit(".", 1)[-1] not in names:
-            continue
-        count += adapter.r * (module.in_features + module.out_features)
-        if adapter.type == "dora":
-            count += module.out_features
-    return count
+    return sum(adapter.r * (m.in_features + m.out_features) + (m.out_features if adapter.type == "dora" else 0)
+               for m in linear_layers(skel, adapter))
 
 
 def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens: int | None = None,
-             reference_copy: bool = False, generated: int = 0, trainable: int | None = None) -> Estimate:
+             reference_copy: bool = False, generated: int = 0) -> Estimate:
     """The peak memory of training `sequences` sequences of `length` tokens at once (the largest batch)."""
     arch = architecture(skel)
     params = arch["params"]
     weight_bytes = 2 if device.bf16 else 4
-    quantized = 0
-    if getattr(adapter, "quantize", None):
-        quantized = sum(m.weight.numel() for n, m in skel.named_modules()
-                        if type(m).__name__ == "Linear" and not n.endswith("lm_head"))
+    quantized = sum(m.weight.numel() for m in linear_layers(skel)) if getattr(adapter, "quantize", None) else 0
     weights = (params - quantized) * weight_bytes + quantized * (0.5 + 1 / 64)
-    if trainable is None:
-        trainable = params if adapter.type == "full" else 0
+    updated = trainable(skel, adapter)
     tokens = sequences * length
     # Bytes per counted value, measured on SmolLM2-135M (tests/test_memory.py checks them): on a CPU with bf16
     # autocast, 6 (the fp32 value and its bf16 copy for the matrix multiply; 2.74-3.07 MiB per token measured
@@ -132,13 +116,14 @@ def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens:
     compute_bytes = 2.0 if device.bf16 else 6 if device.amp else 7.5
     if getattr(adapter, "quantize", None):
         compute_bytes *= 1.25  # 4-bit layers keep their dequantised inputs too: 15,014 MiB vs LoRA's 12,050 (H100)
-    per_token = activation_elements(arch, adapter) * arch["layers"] * compute_bytes
+    adapted = linear_layers(skel, adapter) if adapter.type != "full" else []
+    per_token = activation_elements(arch, adapter, adapted) * arch["layers"] * compute_bytes
     loss_tokens = tokens if loss_tokens is None else loss_tokens
     parts = {
         "weights": weights,
         "reference": weights if reference_copy else 0,
         # fp32 gradient and AdamW's two moments (and the weight itself for an adapter's new parameters).
-        "gradients and optimizer": trainable * (12 if adapter.type == "full" else 16),
+        "gradients and optimizer": updated * (12 if adapter.type == "full" else 16),
         "activations": tokens * per_token,
         # The head runs in tiles over the tokens the loss reads: one tile of logits, and each token's log-prob.
         "head": min(loss_tokens, 1024) * arch["vocab"] * 4 * 2 if loss_tokens else 0,

@@ -160,7 +160,7 @@ def memory_needed(method: Method, spec: TrainSpec, skel, device, tokenizer, prep
     from .. import memory
 
     shape = method.memory_shape(spec, tokenizer, prepared)  # one micro-batch: accumulation does not add to it
-    need = memory.estimate(skel, spec.lora, device, trainable=memory.trainable(skel, spec.lora), **shape)
+    need = memory.estimate(skel, spec.lora, device, **shape)
     memory.check(need, spec.where, spec.batch_size, spec.max_length, bool(spec.lora.quantize))
     return need
 
