@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import NbalignError, unknown_option
-from .spec_fields import BOOL_WORDS, Spec, coerce, opt
+from .spec_fields import BOOL_WORDS, Spec, choice, coerce, opt
 
 BUILTIN_MODEL = "smollm2-135m"
 # TrainSpec fields that may hold in-memory data: saved into the run folder, so spec.json replays, and checked
@@ -224,6 +224,11 @@ class SFTSpec(WatchSpec):
 
     completion_only_loss: bool = opt(True, "loss on assistant/completion tokens only (false: every token)")
     packing: bool = opt(False, "pack several short examples into one max_length row")
+    padding_free: Any = opt(
+        "auto",
+        "batches flattened into one row without padding (same loss and gradients): auto (each batch padded or "
+        "flattened, whichever computes less), true (always), false (always padded, as TRL does)",
+    )
     eval_split: float = opt(
         0.1,
         "without --eval-data: the share of the training rows held out (not trained on) for the evaluation, when "
@@ -232,6 +237,9 @@ class SFTSpec(WatchSpec):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.padding_free, str) and self.padding_free.lower() != "auto":
+            self.padding_free = coerce("padding_free", self.padding_free, bool, self.where)
+        choice("padding_free", self.padding_free, ("auto", True, False), self.where)
         if not 0 <= self.eval_split <= 0.5:
             raise NbalignError(
                 f"%%sft: 'eval_split' must be from 0 to 0.5, got {self.eval_split}.",

@@ -76,6 +76,19 @@ class SFT(base.Method):
             values["eval_strategy"] = "epoch"
         return values
 
+    def build_trainer(self, plan: base.Plan, model, callbacks: list, **extra):
+        """TRL's SFTTrainer; unless the rows are packed, with a collator that flattens a batch instead of padding
+        it where that computes less (nbalign/batching.py), and reports how often it did in the summary."""
+        from ..batching import PadOrFlatten, layer_costs, supports_flattening
+
+        spec = plan.spec
+        if not spec.packing and spec.padding_free is not False and supports_flattening(model):
+            tokenizer = plan.tokenizer
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            plan.state["collator"] = PadOrFlatten(pad, layer_costs(model.config), spec.padding_free)
+            extra.setdefault("data_collator", plan.state["collator"])
+        return super().build_trainer(plan, model, callbacks, **extra)
+
     def extra_callbacks(self, plan: base.Plan) -> list:
         from ..callbacks import AlignmentWatch
         from ..evaluation import sft_eval_data
@@ -90,7 +103,10 @@ class SFT(base.Method):
         return [state["watch"]]
 
     def finish(self, plan: base.Plan, trainer) -> dict:
-        return watching.watch_summary(plan.state.get("watch"), plan.out)
+        summary = watching.watch_summary(plan.state.get("watch"), plan.out)
+        if plan.state.get("collator") is not None:
+            summary.update(plan.state["collator"].summary())
+        return summary
 
 
 def sft(spec: SFTSpec):

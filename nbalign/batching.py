@@ -1,0 +1,91 @@
+"""SFT batches without the padding that costs more than it saves.
+
+A batch of rows of different lengths is either padded to its longest row (TRL's default) or flattened into one
+row with position ids restarting at each example ("padding-free": no padding token is computed). Both give the
+same loss and the same gradients: with no attention mask and no cache, transformers (>= 5) reads the example
+boundaries from the position ids and masks attention between examples (sdpa, eager, flex) or passes them to the
+varlen kernels (flash attention); tests/test_batching.py checks the logits agree. What differs is the work:
+padding computes every layer on tokens nobody reads, flattening lets attention span the whole flattened row (the
+masked part included, on the kernels a CPU has). `PadOrFlatten` prices both for each batch from the model's
+shape and takes the cheaper, so a batch of a few long and many short chats is flattened and a batch of equal
+lengths stays padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Attention implementations that read example boundaries from position ids when there is no attention mask.
+BOUNDARY_AWARE = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
+CHOICES = ("auto", True, False)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Multiply-adds of one layer: per token through its linear maps, per (query, key) pair in attention."""
+
+    per_token: float
+    per_pair: float
+
+    def padded(self, lengths: list[int]) -> float:
+        longest = max(lengths)
+        return len(lengths) * longest * (self.per_token + longest * self.per_pair)
+
+    def flattened(self, lengths: list[int]) -> float:
+        total = sum(lengths)
+        return total * (self.per_token + total * self.per_pair)
+
+
+def layer_costs(config) -> Costs:
+    """The per-layer costs of a decoder from its config (hidden size, MLP width, heads): q/k/v/o and a gated
+    MLP per token; QK^T and the weighted sum of V per attended pair."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = cfg.hidden_size
+    heads = getattr(cfg, "num_attention_heads", 1) or 1
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
+    mlp = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    per_token = hidden * (heads * head_dim) * 2 + hidden * kv * 2 + 3 * hidden * mlp
+    return Costs(per_token=float(per_token), per_pair=float(2 * heads * head_dim))
+
+
+def supports_flattening(model) -> bool:
+    """Whether `model` reads example boundaries from position ids (a transformers decoder on an attention
+    implementation that does)."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None) if config is not None else None
+    return impl in BOUNDARY_AWARE
+
+
+class PadOrFlatten:
+    """Data collator for tokenised SFT rows (`input_ids`, `labels`): each batch padded or flattened, whichever
+    `costs` prices lower (`mode` True or False forces one). Counts both kinds in `flattened` and `padded`, and
+    the tokens computed against the tokens a padded batch would have computed, for the run's summary."""
+
+    def __init__(self, pad_token_id: int, costs: Costs, mode="auto"):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.costs, self.mode = costs, mode
+        self._pad = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+        self._flat = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
+        self.flattened = self.padded = 0
+        self.tokens_computed = self.tokens_if_padded = 0
+
+    def flatten(self, lengths: list[int]) -> bool:
+        if self.mode != "auto":
+            return bool(self.mode) and len(lengths) > 1
+        return len(lengths) > 1 and self.costs.flattened(lengths) < self.costs.padded(lengths)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        lengths = [len(e["input_ids"]) for e in examples]
+        flat = self.flatten(lengths)
+        self.flattened += flat
+        self.padded += not flat
+        self.tokens_computed += sum(lengths) if flat else len(lengths) * max(lengths)
+        self.tokens_if_padded += len(lengths) * max(lengths)
+        return (self._flat if flat else self._pad)(examples)
+
+    def summary(self) -> dict:
+        """Batches flattened and padded, and the share of padded work the flattening saved."""
+        saved = 1 - self.tokens_computed / self.tokens_if_padded if self.tokens_if_padded else 0.0
+        return {"batches_flattened": self.flattened, "batches_padded": self.padded, "padding_saved": round(saved, 3)}
