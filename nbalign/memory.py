@@ -184,15 +184,18 @@ def _cgroup_free() -> int | None:
         return None
 
 
-def check(est: Estimate, where: str, batch_size: int, max_length: int, quantized: bool) -> None:
-    """Stop before loading when the run will not fit, naming the fixes that would make it fit."""
+def check(est: Estimate, where: str, batch_size: int, max_length: int, quantized: bool, split: bool = False) -> None:
+    """Stop before loading when the run will not fit, naming the fixes that would make it fit (`split`: fewer
+    rows per step with accumulation were tried already and did not fit either)."""
     if est.fits():
         return
     fixes = []
     if not quantized:
         fixes.append("`%%lora quantize: 4bit` (QLoRA: the base weights take about a quarter)")
     fixes.append(f"a shorter max_length (now {max_length})")
-    if batch_size > 1:
+    if split:
+        fixes.append("a smaller model (one row per step with gradient accumulation does not fit either)")
+    elif batch_size > 1:
         fixes.append(f"a smaller batch_size with gradient_accumulation_steps to keep the effective batch "
                      f"(e.g. batch_size: {max(1, batch_size // 4)}, gradient_accumulation_steps: "
                      f"{batch_size // max(1, batch_size // 4)})")

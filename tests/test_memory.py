@@ -25,13 +25,35 @@ def test_a_run_that_will_not_fit_stops_before_loading_and_names_the_fix(tiny_mod
     message = str(caught.value)
     assert "this run needs about" in message and "1 MiB" in message and "stopped before loading" in message
     assert "quantize: 4bit" in message and "max_length (now 256)" in message
-    assert "batch_size: 1, gradient_accumulation_steps: 4" in message
+    assert "one row per step with gradient accumulation does not fit either" in message
     assert not loaded and not (in_tmp / "runs" / "big").exists()
 
     monkeypatch.setenv("NBALIGN_MEMORY_LIMIT", "64GiB")
     nbalign.sft(chats(8), model=tiny_model, out="runs/ok", batch_size=4, epochs=1)
     first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("nbalign sft:"))
     assert "| memory about " in first and "of 65,536 MiB free (weights" in first and "activations" in first
+
+
+def test_a_batch_that_does_not_fit_is_split_into_accumulation_steps(tiny_model, in_tmp, monkeypatch, capsys):
+    """Fewer rows per step, accumulated to the same effective batch: the same optimizer steps and the same loss."""
+    from nbalign.api import build_spec
+    from nbalign.methods import base
+    from nbalign.methods.sft import SFT
+
+    monkeypatch.setenv("NBALIGN_MEMORY_LIMIT", "64GiB")
+    options = {"data": chats(8), "model": tiny_model, "max_length": 256, "epochs": 1, "watch": False, "eval_split": 0}
+    totals = {rows: base.plan_run(SFT(), build_spec("sft", {**options, "out": f"runs/plan{rows}", "batch_size": rows}))
+              .memory.total for rows in (2, 4)}
+    assert totals[2] < totals[4]
+    whole = nbalign.sft(out="runs/whole", batch_size=4, **options)
+    monkeypatch.setenv("NBALIGN_MEMORY_LIMIT", str((totals[2] + totals[4]) // 2))
+    split = nbalign.sft(out="runs/split", batch_size=4, **options)
+    assert "a batch of 4 needs" in capsys.readouterr().out
+    config = split.spec["trl_config"]
+    assert (config["per_device_train_batch_size"], config["gradient_accumulation_steps"]) == (2, 2)
+    assert whole.spec["trl_config"]["per_device_train_batch_size"] == 4
+    assert split.summary["steps"] == whole.summary["steps"] == 2
+    assert split.summary["train_loss"] == pytest.approx(whole.summary["train_loss"], rel=1e-3)
 
 
 def test_the_estimate_grows_with_what_the_run_holds(smollm2_dir):

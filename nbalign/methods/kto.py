@@ -32,6 +32,7 @@ def balance(n_up: int, n_down: int, spec: KTOSpec) -> tuple[float, float, str | 
 
 class KTO(PreferenceMethod):
     name = "kto"
+    min_micro_batch = 2  # KTO's KL estimate pairs each prompt with another row's answer in the same step
     replay_kind = "thumbs"
 
     def config_class(self, spec):

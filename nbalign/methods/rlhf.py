@@ -49,6 +49,7 @@ def _check_lengths(rows: list[dict], tokenizer, spec: RLHFSpec, what: str) -> No
 
 class RLHF(base.Method):
     name = "rlhf"
+    min_micro_batch = None  # a step's answers are the num_generations groups the advantages compare
 
     def config_class(self, spec: RLHFSpec):
         from trl import GRPOConfig, RLOOConfig
