@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .install-stamp
 
-.PHONY: install demo test test-fast bench clean browser
+.PHONY: install demo test test-fast bench bench-quick clean browser
 
 $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build where a CPU one is on disk.
@@ -34,10 +34,16 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not slow"
 
+# SFT, DPO, KTO and reward training through nbalign and plain TRL (bench/README.md), then the held-out SFT
+# comparison and the time `%load_ext nbalign` takes. About 35 minutes on a 2-core CPU.
 bench: $(STAMP)
+	$(PYTHON) bench/bench_train.py
 	$(PYTHON) bench/bench_sft.py
-	$(PYTHON) bench/bench_pref.py
 	$(PYTHON) bench/bench_import.py
+
+# The same harness on a 2-layer random model and 8 short rows: a smoke check (CI runs it after the tests).
+bench-quick: $(STAMP)
+	$(PYTHON) bench/bench_train.py --quick --results bench/results/quick
 
 clean:
 	rm -rf $(STAMP) runs build *.egg-info
