@@ -9,6 +9,11 @@ padding computes every layer on tokens nobody reads, flattening lets attention s
 masked part included, on the kernels a CPU has). `PadOrFlatten` prices both for each batch from the model's
 shape and takes the cheaper, so a batch of a few long and many short chats is flattened and a batch of equal
 lengths stays padded.
+
+The preference trainers build their padded batches themselves (TRL 1.16 has padding-free DPO switched off), so
+`flatten_padded_forward` does the same one level down: it wraps the model's forward, flattens a padded batch it
+is handed (attention mask in, position ids out), and puts every per-token output back in the padded shape, where
+the trainer reads it. Padded positions come back as zeros, which is what the trainers' masks make of them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ class Costs:
     def padded(self, lengths: list[int]) -> float:
         longest = max(lengths)
         return len(lengths) * longest * (self.per_token + longest * self.per_pair)
+
+    def rows(self, n: int, width: int) -> float:
+        """`n` rows of `width` tokens each (a padded batch whatever its padding side)."""
+        return n * width * (self.per_token + width * self.per_pair)
 
     def flattened(self, lengths: list[int]) -> float:
         total = sum(lengths)
@@ -89,3 +98,68 @@ class PadOrFlatten:
         """Batches flattened and padded, and the share of padded work the flattening saved."""
         saved = 1 - self.tokens_computed / self.tokens_if_padded if self.tokens_if_padded else 0.0
         return {"batches_flattened": self.flattened, "batches_padded": self.padded, "padding_saved": round(saved, 3)}
+
+
+def flatten_padded_forward(model, costs: Costs, mode="auto") -> PadOrFlatten:
+    """Wrap `model.forward` (in place) so that a right-, left- or un-padded batch with an attention mask is run
+    flattened where that computes less (`mode` as PadOrFlatten). Returns the counter of batches seen."""
+    import functools
+
+    import torch
+
+    counter = PadOrFlatten.__new__(PadOrFlatten)
+    counter.costs, counter.mode = costs, mode
+    counter.flattened = counter.padded = counter.tokens_computed = counter.tokens_if_padded = 0
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def flat_forward(*args, **kwargs):
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        plain = (args or ids is None or mask is None or ids.dim() != 2 or mask.shape != ids.shape
+                 or any(kwargs.get(k) is not None for k in ("position_ids", "past_key_values", "inputs_embeds")))
+        if plain:
+            return forward(*args, **kwargs)
+        keep = mask.bool()
+        lengths = keep.sum(1)
+        first = keep.int().argmax(1)
+        contiguous = bool(((keep.int().flip(1).argmax(1) * -1 + keep.shape[1] - first) == lengths).all())
+        n, width = ids.shape
+        flat = contiguous and bool((lengths > 0).all()) and (
+            bool(mode) if mode != "auto" else costs.flattened(lengths.tolist()) < costs.rows(n, width))
+        flat = flat and n > 1
+        counter.flattened += flat
+        counter.padded += not flat
+        counter.tokens_computed += int(lengths.sum()) if flat else n * width
+        counter.tokens_if_padded += n * width
+        if not flat:
+            return forward(*args, **kwargs)
+        positions = (keep.cumsum(1) - 1).clamp(min=0)
+        flat_kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        flat_kwargs["input_ids"] = ids[keep][None]
+        flat_kwargs["position_ids"] = positions[keep][None]
+        for key in ("labels", "shift_labels"):
+            if kwargs.get(key) is not None:
+                flat_kwargs[key] = kwargs[key][keep][None]
+        if kwargs.get("labels") is not None:  # a row's first token is never predicted from the row before it
+            flat_kwargs["labels"] = flat_kwargs["labels"].masked_fill(flat_kwargs["position_ids"] == 0, -100)
+        out = forward(**flat_kwargs)
+        index = torch.full_like(ids, -1)
+        index[keep] = torch.arange(int(lengths.sum()), device=ids.device)
+        total = int(lengths.sum())
+        for name, value in list(out.items()):
+            if not torch.is_tensor(value) or value.dim() < 2 or value.shape[0] != 1:
+                continue
+            if value.shape[1] == total:  # one value per token: logits, hidden states
+                full = value.new_zeros((n, width, *value.shape[2:]))
+                full[keep] = value[0]
+            elif value.shape[1] == total - 1:  # one per predicted next token (fused head): positions t -> t + 1
+                both = keep[:, :-1] & keep[:, 1:]
+                full = value.new_zeros((n, width - 1, *value.shape[2:]))
+                full[both] = value[0][index[:, :-1][both]]
+            else:
+                continue
+            out[name] = full
+        return out
+
+    model.forward = flat_forward
+    return counter

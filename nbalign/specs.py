@@ -187,7 +187,8 @@ LAUNCHES = ("here", "subprocess", "accelerate")
 
 @dataclass
 class WatchSpec(TrainSpec):
-    """Options of the methods that show what training changed and what it cost (the evaluation watch)."""
+    """Options of the methods that show what training changed and what it cost (the evaluation watch), and that
+    train a causal LM on padded batches (SFT, DPO, KTO)."""
 
     watch: bool = opt(True, "measure the evaluation before, during and after training (shown at the end)")
     general_text: Any = opt(None, "text for the forgetting watch (perplexity before/after); default: built-in English")
@@ -203,9 +204,17 @@ class WatchSpec(TrainSpec):
         "the prompting baseline: before training, answer the held-out prompts with this many training examples as "
         "demonstrations in the prompt (0: skip); shown beside the tuned result",
     )
+    padding_free: Any = opt(
+        "auto",
+        "batches flattened into one row without padding (same loss and gradients): auto (each batch padded or "
+        "flattened, whichever computes less), true (always), false (always padded, as TRL does)",
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.padding_free, str) and self.padding_free.lower() != "auto":
+            self.padding_free = coerce("padding_free", self.padding_free, bool, self.where)
+        choice("padding_free", self.padding_free, ("auto", True, False), self.where)
         if self.eval_points < 0:
             raise NbalignError(f"{self.where}: 'eval_points' must be 0 or more.", "use e.g. 4.")
         if self.eval_max_new_tokens < 1:
@@ -224,11 +233,6 @@ class SFTSpec(WatchSpec):
 
     completion_only_loss: bool = opt(True, "loss on assistant/completion tokens only (false: every token)")
     packing: bool = opt(False, "pack several short examples into one max_length row")
-    padding_free: Any = opt(
-        "auto",
-        "batches flattened into one row without padding (same loss and gradients): auto (each batch padded or "
-        "flattened, whichever computes less), true (always), false (always padded, as TRL does)",
-    )
     eval_split: float = opt(
         0.1,
         "without --eval-data: the share of the training rows held out (not trained on) for the evaluation, when "
@@ -237,9 +241,6 @@ class SFTSpec(WatchSpec):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.padding_free, str) and self.padding_free.lower() != "auto":
-            self.padding_free = coerce("padding_free", self.padding_free, bool, self.where)
-        choice("padding_free", self.padding_free, ("auto", True, False), self.where)
         if not 0 <= self.eval_split <= 0.5:
             raise NbalignError(
                 f"%%sft: 'eval_split' must be from 0 to 0.5, got {self.eval_split}.",

@@ -75,3 +75,68 @@ def test_sft_spec_padding_free_option():
     assert SFTSpec(data=[{"prompt": "a", "completion": "b"}], padding_free="false").padding_free is False
     with pytest.raises(NbalignError, match="padding_free"):
         SFTSpec(data=[{"prompt": "a", "completion": "b"}], padding_free="sometimes")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_padded_batch_runs_flattened_with_the_same_outputs(side):
+    """The preference trainers' padded batches: the wrapped forward flattens them and hands back every per-token
+    output (logits; the fused head's log-probs, as DPO and KTO read them) in the padded shape."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from nbalign.batching import flatten_padded_forward
+
+    model = tiny_llama()
+    add_fused_lm_head(model)
+    model.train()
+    lengths, width = [30, 4, 11, 7], 30
+    g = torch.Generator().manual_seed(1)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, cols] = torch.randint(1, 97, (n,), generator=g)
+        mask[i, cols] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels = labels.masked_fill(mask.cumsum(1) <= 3, -100)  # each row's first three tokens: its prompt
+    padded = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+    padded_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    counter = flatten_padded_forward(model, layer_costs(model.config), True)
+    flat = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+    flat_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert counter.flattened == 2 and counter.padded == 0
+    assert flat.log_probs.shape == padded.log_probs.shape
+    assert torch.allclose(flat.log_probs, padded.log_probs, atol=1e-5)
+    assert flat.loss.item() == pytest.approx(padded.loss.item(), rel=1e-5)
+    real = mask.bool()
+    assert torch.allclose(flat_logits[real], padded_logits[real], atol=1e-5)
+    flat.loss.backward()  # gradients flow through the scatter back into the padded shape
+    assert counter.summary()["padding_saved"] == pytest.approx(1 - sum(lengths) / (4 * width), abs=1e-3)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto"])
+def test_training_on_ragged_rows_flattens_and_learns_the_same(method, tiny_model, in_tmp):
+    """A real run on short and long conversations mixed: batches are flattened, and the losses step by step
+    are those of the padded run."""
+    import nbalign
+
+    history = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}] * 12
+    rows = []
+    for i in range(8):
+        prompt = (history if i % 4 == 0 else []) + [{"role": "user", "content": f"What is {i} plus {i}?"}]
+        answer = [{"role": "assistant", "content": f"{2 * i}."}]
+        wrong = [{"role": "assistant", "content": f"I think it might be {2 * i + 1}, though I am not sure."}]
+        rows.append({"messages": prompt + answer} if method == "sft" else
+                    {"prompt": prompt, "chosen": answer, "rejected": wrong} if method == "dpo" else
+                    {"prompt": prompt, "completion": answer if i % 2 else wrong, "label": bool(i % 2)})
+    fn = getattr(nbalign, method)
+    options = {"model": tiny_model, "batch_size": 4, "epochs": 1, "watch": False, "learning_rate": 1e-3}
+    if method == "sft":
+        options["eval_split"] = 0
+    runs = {mode: fn(rows, out=f"runs/{method}-{mode}", padding_free=mode, **options) for mode in ("auto", False)}
+    flat, padded = runs["auto"].summary, runs[False].summary
+    assert flat["batches_flattened"] >= 1 and flat["padding_saved"] > 0.3
+    assert "batches_flattened" not in padded
+    losses = {mode: [e["loss"] for e in run.metrics.to_dict("records") if e.get("loss") == e.get("loss")
+                     and e.get("loss") is not None] for mode, run in runs.items()}
+    assert len(losses["auto"]) == len(losses[False]) >= 2
+    assert losses["auto"] == pytest.approx(losses[False], rel=2e-3)

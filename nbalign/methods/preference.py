@@ -94,8 +94,22 @@ class PreferenceMethod(base.Method):
                                              start_model=watching.start_model(plan))
         return [plan.state["watch"]]
 
+    def build_trainer(self, plan: base.Plan, model, callbacks: list, **extra):
+        """TRL's trainer, its model's forward flattening the padded batches it builds where that computes less
+        (nbalign/batching.py): the policy's and the reference's forwards alike."""
+        from ..batching import flatten_padded_forward, layer_costs, supports_flattening
+
+        trainer = super().build_trainer(plan, model, callbacks, **extra)
+        if plan.spec.padding_free is not False and supports_flattening(trainer.model):
+            plan.state["flattener"] = flatten_padded_forward(trainer.model, layer_costs(trainer.model.config),
+                                                             plan.spec.padding_free)
+        return trainer
+
     def finish(self, plan: base.Plan, trainer) -> dict:
-        return watching.watch_summary(plan.state.get("watch"), plan.out)
+        summary = watching.watch_summary(plan.state.get("watch"), plan.out)
+        if plan.state.get("flattener") is not None:
+            summary.update(plan.state["flattener"].summary())
+        return summary
 
 
 def demos(rows: list[dict], k: int) -> list:
