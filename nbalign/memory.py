@@ -98,8 +98,9 @@ def trainable(skel, adapter) -> int:
 
 
 def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens: int | None = None,
-             reference_copy: bool = False, generated: int = 0) -> Estimate:
-    """The peak memory of training `sequences` sequences of `length` tokens at once (the largest batch)."""
+             reference_copy: bool = False, generated: int = 0, checkpointing: bool = False) -> Estimate:
+    """The peak memory of training `sequences` sequences of `length` tokens at once (the largest batch);
+    `checkpointing`: activation checkpointing keeps each layer's input and recomputes one layer at a time."""
     arch = architecture(skel)
     params = arch["params"]
     weight_bytes = 2 if device.bf16 else 4
@@ -117,7 +118,9 @@ def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens:
     if getattr(adapter, "quantize", None):
         compute_bytes *= 1.25  # 4-bit layers keep their dequantised inputs too: 15,014 MiB vs LoRA's 12,050 (H100)
     adapted = linear_layers(skel, adapter) if adapter.type != "full" else []
-    per_token = activation_elements(arch, adapter, adapted) * arch["layers"] * compute_bytes
+    per_layer = activation_elements(arch, adapter, adapted)
+    per_token = (arch["hidden"] * arch["layers"] + per_layer if checkpointing else per_layer * arch["layers"]) \
+        * compute_bytes
     loss_tokens = tokens if loss_tokens is None else loss_tokens
     parts = {
         "weights": weights,
@@ -194,7 +197,8 @@ def check(est: Estimate, where: str, batch_size: int, max_length: int, quantized
         fixes.append("`%%lora quantize: 4bit` (QLoRA: the base weights take about a quarter)")
     fixes.append(f"a shorter max_length (now {max_length})")
     if split:
-        fixes.append("a smaller model (one row per step with gradient accumulation does not fit either)")
+        fixes.append("a smaller model (one row per step with gradient accumulation and activation checkpointing does "
+                     "not fit either)")
     elif batch_size > 1:
         fixes.append(f"a smaller batch_size with gradient_accumulation_steps to keep the effective batch "
                      f"(e.g. batch_size: {max(1, batch_size // 4)}, gradient_accumulation_steps: "
@@ -204,6 +208,30 @@ def check(est: Estimate, where: str, batch_size: int, max_length: int, quantized
         f"({est.available / MiB:,.0f} MiB); it was stopped before loading the model.",
         "try " + "; or ".join(fixes) + ".",
     )
+
+
+def fit_batch(needed, batch_size: int, min_rows: int | None, chosen, name: str, where: str, max_length: int,
+              quantized: bool) -> tuple[Estimate, int, bool]:
+    """The estimate, rows per step and activation checkpointing a run trains with. `needed(rows, checkpointing)`
+    estimates one step. A batch that does not fit is split into the most rows per step that fit (down to
+    `min_rows`; None: never split), the rest made up by gradient accumulation: the same effective batch, the same
+    training. Where no split fits, activations are checkpointed (about a third more compute), unless the cell
+    `chosen` either way. A run that will not fit even so stops here, with the fix."""
+    need = needed(batch_size, bool(chosen))
+    if need.fits():
+        return need, batch_size, bool(chosen)
+    sizes = [r for r in range(batch_size, (min_rows or batch_size) - 1, -1) if batch_size % r == 0]
+    for checkpointing in ([False, True] if chosen is None else [bool(chosen)]):
+        for rows in sizes:
+            if (smaller := needed(rows, checkpointing)).fits():
+                how = [f"{rows} rows per step with {batch_size // rows} accumulation steps (the same effective "
+                       "batch)"] if rows < batch_size else []
+                how += ["activation checkpointing (about a third more compute)"] if checkpointing and not chosen else []
+                print(f"{name}: a batch of {batch_size} needs {need.total / MiB:,.0f} MiB, more than the "
+                      f"{need.available / MiB:,.0f} MiB free; training with {' and '.join(how)}.", flush=True)
+                return smaller, rows, checkpointing
+    check(need, where, batch_size, max_length, quantized, split=len(sizes) > 1)
+    return need, batch_size, bool(chosen)
 
 
 class PeakMeter:

@@ -25,7 +25,7 @@ def test_a_run_that_will_not_fit_stops_before_loading_and_names_the_fix(tiny_mod
     message = str(caught.value)
     assert "this run needs about" in message and "1 MiB" in message and "stopped before loading" in message
     assert "quantize: 4bit" in message and "max_length (now 256)" in message
-    assert "one row per step with gradient accumulation does not fit either" in message
+    assert "one row per step with gradient accumulation and activation checkpointing does not fit" in message
     assert not loaded and not (in_tmp / "runs" / "big").exists()
 
     monkeypatch.setenv("NBALIGN_MEMORY_LIMIT", "64GiB")
@@ -34,8 +34,9 @@ def test_a_run_that_will_not_fit_stops_before_loading_and_names_the_fix(tiny_mod
     assert "| memory about " in first and "of 65,536 MiB free (weights" in first and "activations" in first
 
 
-def test_a_batch_that_does_not_fit_is_split_into_accumulation_steps(tiny_model, in_tmp, monkeypatch, capsys):
-    """Fewer rows per step, accumulated to the same effective batch: the same optimizer steps and the same loss."""
+def test_a_batch_that_does_not_fit_is_split_then_checkpointed(tiny_model, in_tmp, monkeypatch, capsys):
+    """Fewer rows per step, accumulated to the same effective batch, then activation checkpointing: the same
+    optimizer steps and the same loss."""
     from nbalign.api import build_spec
     from nbalign.methods import base
     from nbalign.methods.sft import SFT
@@ -54,6 +55,19 @@ def test_a_batch_that_does_not_fit_is_split_into_accumulation_steps(tiny_model, 
     assert whole.spec["trl_config"]["per_device_train_batch_size"] == 4
     assert split.summary["steps"] == whole.summary["steps"] == 2
     assert split.summary["train_loss"] == pytest.approx(whole.summary["train_loss"], rel=1e-3)
+
+    # Where one row per step does not fit either, activations are checkpointed (recomputed in the backward pass).
+    plan = {ckpt: base.plan_run(SFT(), build_spec("sft", {**options, "out": f"runs/ckpt{ckpt}", "batch_size": 1,
+                                                             "activation_checkpointing": ckpt})).memory.total
+            for ckpt in (False, True)}
+    assert plan[True] < plan[False]
+    monkeypatch.setenv("NBALIGN_MEMORY_LIMIT", str((plan[True] + plan[False]) // 2))
+    checkpointed = nbalign.sft(out="runs/checkpointed", batch_size=4, **options)
+    assert "activation checkpointing (about a third more compute)" in capsys.readouterr().out
+    config = checkpointed.spec["trl_config"]
+    assert (config["per_device_train_batch_size"], config["gradient_accumulation_steps"]) == (1, 4)
+    assert config["activation_checkpointing"] is True
+    assert checkpointed.summary["train_loss"] == pytest.approx(whole.summary["train_loss"], rel=1e-3)
 
 
 def test_the_estimate_grows_with_what_the_run_holds(smollm2_dir):

@@ -152,40 +152,32 @@ def plan_run(method: Method, spec: TrainSpec) -> Plan:
     records = in_memory_records(spec)  # after prepare(), whose errors name the rows and the fix
     steps = method.planned_steps(spec, prepared.n_examples, extra)
     defaults = method.config_defaults(spec, device, steps, prepared)
-    need, micro = memory_needed(method, spec, skel, device, tokenizer, prepared, extra)
+    need, micro, checkpointing = memory_needed(method, spec, skel, device, tokenizer, prepared, extra)
     if micro < spec.batch_size:  # the same effective batch: fewer rows per step, accumulated
         defaults.update(per_device_train_batch_size=micro, per_device_eval_batch_size=micro)
         extra = {**extra, "gradient_accumulation_steps": spec.batch_size // micro}
+    defaults["activation_checkpointing"] = checkpointing
     config = trl_config(config_class, spec, out, defaults, extra)
     return Plan(spec, out, ref, device, tokenizer, prepared, config, steps, records, memory=need)
 
 
 def memory_needed(method: Method, spec: TrainSpec, skel, device, tokenizer, prepared: Prepared, extra: dict):
-    """The run's peak memory, estimated before loading, and the rows per step that fit. A batch that does not fit
-    (and whose accumulation the cell left alone) is split into the most rows per step that fit, the rest made up
-    by gradient accumulation: the same effective batch, the same training. A run that will not fit even so stops
-    here, with the fix."""
+    """The run's peak memory, estimated before loading, the rows per step and whether activations are
+    checkpointed: memory.fit_batch, over the method's largest batch (accumulation does not add to it)."""
     import copy
 
     from .. import memory
 
-    def needed(rows: int):
+    def needed(rows: int, checkpointing: bool):
         smaller = copy.copy(spec)  # the spec's checks already ran; only the rows per step differ
         smaller.batch_size = rows
-        return memory.estimate(skel, spec.lora, device, **method.memory_shape(smaller, tokenizer, prepared))
+        return memory.estimate(skel, spec.lora, device, checkpointing=checkpointing,
+                               **method.memory_shape(smaller, tokenizer, prepared))
 
-    need = needed(spec.batch_size)  # one micro-batch: accumulation does not add to it
-    split = method.min_micro_batch is not None and not extra.get("gradient_accumulation_steps")
-    if not need.fits() and split:
-        for rows in range(spec.batch_size - 1, method.min_micro_batch - 1, -1):
-            if spec.batch_size % rows == 0 and (smaller := needed(rows)).fits():
-                print(f"nbalign {method.name}: a batch of {spec.batch_size} needs {need.total / memory.MiB:,.0f} MiB, "
-                      f"more than the {need.available / memory.MiB:,.0f} MiB free; training {rows} rows per step "
-                      f"with {spec.batch_size // rows} accumulation steps (the same effective batch).", flush=True)
-                return smaller, rows
-    memory.check(need, spec.where, spec.batch_size, spec.max_length, bool(spec.lora.quantize),
-                 split=split and spec.batch_size > method.min_micro_batch)
-    return need, spec.batch_size
+    split = None if extra.get("gradient_accumulation_steps") else method.min_micro_batch
+    return memory.fit_batch(needed, spec.batch_size, split,
+                            extra.get("activation_checkpointing", extra.get("gradient_checkpointing")),
+                            f"nbalign {method.name}", spec.where, spec.max_length, bool(spec.lora.quantize))
 
 
 def run(method: Method, spec: TrainSpec) -> Run:
