@@ -22,7 +22,10 @@ from dataclasses import dataclass
 
 # Attention implementations that read example boundaries from position ids when there is no attention mask.
 BOUNDARY_AWARE = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
-CHOICES = ("auto", True, False)
+# Forward arguments the flattening wrapper knows how to carry over; a call with any other (position ids, a cache,
+# logits_to_keep, embeddings) runs as it came.
+UNDERSTOOD = {"input_ids", "attention_mask", "labels", "shift_labels", "fused_lm_head", "use_cache", "return_dict",
+              "output_router_logits", "num_items_in_batch"}
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,17 @@ class PadOrFlatten:
         return {"batches_flattened": self.flattened, "batches_padded": self.padded, "padding_saved": round(saved, 3)}
 
 
-def flatten_padded_forward(model, costs: Costs, mode="auto") -> PadOrFlatten:
+def _score_head(model):
+    """The sequence classifier's head (transformers names it `score`; PEFT wraps it to train and save it)."""
+    heads = [(name, module) for name, module in model.named_modules() if name.split(".")[-1] == "score"]
+    return min(heads, key=lambda item: len(item[0]))[1] if heads else None
+
+
+def flatten_padded_forward(model, costs: Costs, mode="auto", pooled: bool = False) -> PadOrFlatten:
     """Wrap `model.forward` (in place) so that a right-, left- or un-padded batch with an attention mask is run
-    flattened where that computes less (`mode` as PadOrFlatten). Returns the counter of batches seen."""
+    flattened where that computes less (`mode` as PadOrFlatten). `pooled`: a sequence classifier, whose score is
+    read, as transformers reads it, at each row's rightmost token that is not the pad token. Returns the counter
+    of batches seen."""
     import functools
 
     import torch
@@ -114,9 +125,11 @@ def flatten_padded_forward(model, costs: Costs, mode="auto") -> PadOrFlatten:
 
     @functools.wraps(forward)
     def flat_forward(*args, **kwargs):
+        if args and args[0] is model:  # accelerate's unwrap_model re-binds the forward it finds as a method
+            args = args[1:]
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         plain = (args or ids is None or mask is None or ids.dim() != 2 or mask.shape != ids.shape
-                 or any(kwargs.get(k) is not None for k in ("position_ids", "past_key_values", "inputs_embeds")))
+                 or any(v is not None for k, v in kwargs.items() if k not in UNDERSTOOD))
         if plain:
             return forward(*args, **kwargs)
         keep = mask.bool()
@@ -142,9 +155,11 @@ def flatten_padded_forward(model, costs: Costs, mode="auto") -> PadOrFlatten:
                 flat_kwargs[key] = kwargs[key][keep][None]
         if kwargs.get("labels") is not None:  # a row's first token is never predicted from the row before it
             flat_kwargs["labels"] = flat_kwargs["labels"].masked_fill(flat_kwargs["position_ids"] == 0, -100)
-        out = forward(**flat_kwargs)
         index = torch.full_like(ids, -1)
         index[keep] = torch.arange(int(lengths.sum()), device=ids.device)
+        if pooled:
+            return pooled_forward(flat_kwargs, ids, keep, index)
+        out = forward(**flat_kwargs)
         total = int(lengths.sum())
         for name, value in list(out.items()):
             if not torch.is_tensor(value) or value.dim() < 2 or value.shape[0] != 1:
@@ -159,6 +174,21 @@ def flatten_padded_forward(model, costs: Costs, mode="auto") -> PadOrFlatten:
             else:
                 continue
             out[name] = full
+        return out
+
+    def pooled_forward(flat_kwargs, ids, keep, index):
+        head, scores = _score_head(model), []
+        hook = head.register_forward_hook(lambda module, args, output: scores.append(output))
+        try:
+            out = forward(**flat_kwargs)
+        finally:
+            hook.remove()
+        pad = model.config.get_text_config().pad_token_id if hasattr(model.config, "get_text_config") else None
+        readable = keep & (ids != pad) if pad is not None else keep
+        readable = torch.where(readable.any(1, keepdim=True), readable, keep)
+        columns = torch.arange(ids.shape[1], device=ids.device)
+        last = (columns * readable).argmax(1)
+        out["logits"] = scores[-1][0][index[torch.arange(ids.shape[0], device=ids.device), last]]
         return out
 
     model.forward = flat_forward

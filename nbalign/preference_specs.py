@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import NbalignError, nearest
 from .spec_fields import choice, coerce, opt
-from .specs import TrainSpec, WatchSpec
+from .specs import PADDING_FREE_HELP, TrainSpec, WatchSpec, checked_padding_free
 
 
 PRECOMPUTE = ("auto", True, False)
@@ -188,9 +188,11 @@ class RewardSpec(TrainSpec):
     center_rewards: float | None = opt(0.01, "pull scores towards zero mean (coefficient; null to turn off)")
     ties: str = opt("drop", TIES_HELP)
     labels_from: str = opt("human", "label-store data: whose labels train: human, judge (AI labels) or any")
+    padding_free: Any = opt("auto", PADDING_FREE_HELP)
 
     def __post_init__(self):
         super().__post_init__()
+        self.padding_free = checked_padding_free(self.padding_free, self.where)
         choice("ties", self.ties, TIES, self.where)
         choice("labels_from", self.labels_from, LABELS_FROM, self.where)
 

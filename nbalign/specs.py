@@ -22,6 +22,18 @@ BUILTIN_MODEL = "smollm2-135m"
 DATA_FIELDS = ("data", "eval_data")
 
 
+PADDING_FREE_HELP = ("batches flattened into one row without padding (same loss and gradients): auto (each batch "
+                     "padded or flattened, whichever computes less), true (always), false (always padded, as TRL does)")
+
+
+def checked_padding_free(value: Any, where: str) -> Any:
+    """The padding_free option as given: "auto", true or false (a magic line's words for them included)."""
+    if isinstance(value, str) and value.strip().lower() != "auto":
+        value = coerce("padding_free", value, bool, where)
+    choice("padding_free", value, ("auto", True, False), where)
+    return value
+
+
 def checked_probe(value: Any, where: str) -> Any:
     """The knowledge probe option as given: true, false, or [{question, answer}] rows (a magic line's 'false'
     is False); anything else is refused with the fix."""
@@ -204,17 +216,11 @@ class WatchSpec(TrainSpec):
         "the prompting baseline: before training, answer the held-out prompts with this many training examples as "
         "demonstrations in the prompt (0: skip); shown beside the tuned result",
     )
-    padding_free: Any = opt(
-        "auto",
-        "batches flattened into one row without padding (same loss and gradients): auto (each batch padded or "
-        "flattened, whichever computes less), true (always), false (always padded, as TRL does)",
-    )
+    padding_free: Any = opt("auto", PADDING_FREE_HELP)
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.padding_free, str) and self.padding_free.lower() != "auto":
-            self.padding_free = coerce("padding_free", self.padding_free, bool, self.where)
-        choice("padding_free", self.padding_free, ("auto", True, False), self.where)
+        self.padding_free = checked_padding_free(self.padding_free, self.where)
         if self.eval_points < 0:
             raise NbalignError(f"{self.where}: 'eval_points' must be 0 or more.", "use e.g. 4.")
         if self.eval_max_new_tokens < 1:

@@ -113,7 +113,7 @@ def test_a_padded_batch_runs_flattened_with_the_same_outputs(side):
     assert counter.summary()["padding_saved"] == pytest.approx(1 - sum(lengths) / (4 * width), abs=1e-3)
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "kto"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto", "reward_model"])
 def test_training_on_ragged_rows_flattens_and_learns_the_same(method, tiny_model, in_tmp):
     """A real run on short and long conversations mixed: batches are flattened, and the losses step by step
     are those of the padded run."""
@@ -126,10 +126,12 @@ def test_training_on_ragged_rows_flattens_and_learns_the_same(method, tiny_model
         answer = [{"role": "assistant", "content": f"{2 * i}."}]
         wrong = [{"role": "assistant", "content": f"I think it might be {2 * i + 1}, though I am not sure."}]
         rows.append({"messages": prompt + answer} if method == "sft" else
-                    {"prompt": prompt, "chosen": answer, "rejected": wrong} if method == "dpo" else
+                    {"prompt": prompt, "chosen": answer, "rejected": wrong} if method in ("dpo", "reward_model") else
                     {"prompt": prompt, "completion": answer if i % 2 else wrong, "label": bool(i % 2)})
     fn = getattr(nbalign, method)
-    options = {"model": tiny_model, "batch_size": 4, "epochs": 1, "watch": False, "learning_rate": 1e-3}
+    options = {"model": tiny_model, "batch_size": 4, "epochs": 1, "learning_rate": 1e-3}
+    if method != "reward_model":
+        options["watch"] = False
     if method == "sft":
         options["eval_split"] = 0
     runs = {mode: fn(rows, out=f"runs/{method}-{mode}", padding_free=mode, **options) for mode in ("auto", False)}
@@ -140,3 +142,30 @@ def test_training_on_ragged_rows_flattens_and_learns_the_same(method, tiny_model
                      and e.get("loss") is not None] for mode, run in runs.items()}
     assert len(losses["auto"]) == len(losses[False]) >= 2
     assert losses["auto"] == pytest.approx(losses[False], rel=2e-3)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_flattened_reward_model_scores_each_row_at_its_last_token(side):
+    """A sequence classifier's score is read at each row's rightmost non-pad token, as transformers reads it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    from nbalign.batching import flatten_padded_forward
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    model = get_peft_model(AutoModelForSequenceClassification.from_config(cfg, attn_implementation="sdpa"),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS"))
+    lengths, width = [25, 6, 13, 9], 25
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, cols] = torch.randint(1, 97, (n,))
+        mask[i, cols] = 1
+    padded = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    counter = flatten_padded_forward(model, layer_costs(model.config), True, pooled=True)
+    flat = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert counter.flattened == 1 and flat.shape == padded.shape == (4, 1)
+    assert torch.allclose(flat, padded, atol=1e-5)

@@ -78,9 +78,21 @@ class RewardMethod(base.Method):
             model = load_model(plan.ref, plan.device, plan.adapter, head="score")
         return apply_adapter(model, plan.adapter, plan.spec.seed, task_type="SEQ_CLS")
 
+    def build_trainer(self, plan: base.Plan, model, callbacks: list, **extra):
+        """TRL's RewardTrainer, the model's forward flattening padded pairs where that computes less, its score read
+        at each row's last token as transformers reads it (nbalign/batching.py)."""
+        from ..batching import flatten_padded_forward, layer_costs, supports_flattening
+
+        trainer = super().build_trainer(plan, model, callbacks, **extra)
+        if plan.spec.padding_free is not False and supports_flattening(trainer.model):
+            plan.state["flattener"] = flatten_padded_forward(trainer.model, layer_costs(trainer.model.config),
+                                                             plan.spec.padding_free, pooled=True)
+        return trainer
+
     def finish(self, plan: base.Plan, trainer) -> dict:
         """Pairwise accuracy and margin of the trained model on the eval data, or on the training pairs (marked
         as such) when there is none; also written to <run>/evaluation.json."""
+        flattened = plan.state["flattener"].summary() if plan.state.get("flattener") else {}  # training's batches
         heldout = plan.spec.eval_data is not None
         split = "heldout" if heldout else "train"
         pairs = plan.state["pairs"]["eval data" if heldout else "training data"]
@@ -93,7 +105,8 @@ class RewardMethod(base.Method):
             **metrics,
         }
         runfolder.save_evaluation(plan.out, {k: v for k, v in payload.items() if v is not None})
-        return {f"{split}_accuracy": round(metrics["accuracy"], 4), f"{split}_margin": round(metrics["margin"], 4)}
+        return {f"{split}_accuracy": round(metrics["accuracy"], 4), f"{split}_margin": round(metrics["margin"], 4),
+                **flattened}
 
     def card_usage(self, plan: base.Plan) -> tuple[str, str]:
         return "AutoModelForSequenceClassification", f'nbalign.RewardModel("{plan.out}").score(prompt, answer)'
