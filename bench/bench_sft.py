@@ -14,8 +14,8 @@ See bench/README.md for what is measured and how.
 from __future__ import annotations
 
 # First: the worker's clock (harness.T0) starts when harness is imported, before torch & co. are.
-from harness import (LORA, Span, WorkerFailed, aggregate, cuda_peak_mib, fmt, fmt_ratio, machine, md_table, now,
-                     peak_rss_mib, peft_lora_config, preload, ratio, ratios, run_worker, write_result)
+from harness import (LORA, Span, WorkerFailed, add_worker_options, aggregate, cuda_peak_mib, fmt, fmt_ratio, machine,
+                     md_table, now, peak_rss_mib, peft_lora_config, preload, ratio, ratios, run_worker, write_result)
 
 import argparse
 import json
@@ -501,9 +501,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-eval", action="store_true", help="skip the held-out generation and answer loss")
     p.add_argument("--results", default=str(RESULTS), help="folder for sft.json, sft.md and the worker logs")
     p.add_argument("--keep", action="store_true", help="keep the run folders (printed) instead of deleting them")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--cfg", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    add_worker_options(p)
     args = p.parse_args(argv)
 
     if args.worker:

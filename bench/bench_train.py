@@ -19,7 +19,7 @@ bench/results/train.json, train.md and train.png. A benchmark: it asserts nothin
 
 from __future__ import annotations
 
-from harness import (LORA, WorkerFailed, fmt, fmt_ratio, loadavg, machine, md_table, now, peak_rss_mib,
+from harness import (add_worker_options, LORA, WorkerFailed, fmt, fmt_ratio, loadavg, machine, md_table, now, peak_rss_mib,
                      peft_lora_config, preload, ratio, run_worker, write_result, cuda_peak_mib, aggregate)
 
 import argparse
@@ -411,9 +411,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--quick", action="store_true", help="a 2-layer random model, 8 short rows (one step): a smoke check")
     p.add_argument("--results", default=str(RESULTS))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--cfg", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    add_worker_options(p)
     args = p.parse_args(argv)
     if args.worker:
         worker_main(args.worker, args.cfg, args.result)

@@ -165,6 +165,15 @@ def run_worker(script, args: list[str], *, result: Path, log: Path, env: dict | 
     return WorkerRun(json.loads(result.read_text()), wall, before, loadavg())
 
 
+def add_worker_options(parser) -> None:
+    """The hidden options a script's worker side is started with: `--worker SIDE --cfg FILE`, and the
+    `--result FILE` run_worker adds."""
+    import argparse
+
+    for option in ("--worker", "--cfg", "--result"):
+        parser.add_argument(option, help=argparse.SUPPRESS)
+
+
 def write_result(path, result: dict) -> None:
     """The worker's side of run_worker: hand `result` back to the driver."""
     Path(path).write_text(json.dumps(result, indent=2, default=str))

@@ -35,10 +35,6 @@ class Costs:
     per_token: float
     per_pair: float
 
-    def padded(self, lengths: list[int]) -> float:
-        longest = max(lengths)
-        return len(lengths) * longest * (self.per_token + longest * self.per_pair)
-
     def rows(self, n: int, width: int) -> float:
         """`n` rows of `width` tokens each (a padded batch whatever its padding side)."""
         return n * width * (self.per_token + width * self.per_pair)
@@ -69,38 +65,54 @@ def supports_flattening(model) -> bool:
     return impl in BOUNDARY_AWARE
 
 
-class PadOrFlatten:
-    """Data collator for tokenised SFT rows (`input_ids`, `labels`): each batch padded or flattened, whichever
-    `costs` prices lower (`mode` True or False forces one). Counts both kinds in `flattened` and `padded`, and
-    the tokens computed against the tokens a padded batch would have computed, for the run's summary."""
+class Flattening:
+    """The choice for each batch, padded or flattened, whichever `costs` prices lower (`mode` True or False forces
+    one), and its record: batches of each kind, and the tokens computed against those padding would compute."""
 
-    def __init__(self, pad_token_id: int, costs: Costs, mode="auto"):
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
+    def __init__(self, costs: Costs, mode="auto"):
         self.costs, self.mode = costs, mode
-        self._pad = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
-        self._flat = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
         self.flattened = self.padded = 0
         self.tokens_computed = self.tokens_if_padded = 0
 
-    def flatten(self, lengths: list[int]) -> bool:
+    def decide(self, lengths: list[int], width: int) -> bool:
+        """Whether rows of `lengths` tokens, padded to `width`, run flattened."""
+        if len(lengths) < 2:
+            return False
         if self.mode != "auto":
-            return bool(self.mode) and len(lengths) > 1
-        return len(lengths) > 1 and self.costs.flattened(lengths) < self.costs.padded(lengths)
+            return bool(self.mode)
+        return self.costs.flattened(lengths) < self.costs.rows(len(lengths), width)
 
-    def __call__(self, examples: list[dict]) -> dict:
-        lengths = [len(e["input_ids"]) for e in examples]
-        flat = self.flatten(lengths)
+    def record(self, flat: bool, lengths: list[int], width: int) -> None:
         self.flattened += flat
         self.padded += not flat
-        self.tokens_computed += sum(lengths) if flat else len(lengths) * max(lengths)
-        self.tokens_if_padded += len(lengths) * max(lengths)
-        return (self._flat if flat else self._pad)(examples)
+        self.tokens_computed += sum(lengths) if flat else len(lengths) * width
+        self.tokens_if_padded += len(lengths) * width
 
     def summary(self) -> dict:
         """Batches flattened and padded, and the share of padded work the flattening saved."""
         saved = 1 - self.tokens_computed / self.tokens_if_padded if self.tokens_if_padded else 0.0
         return {"batches_flattened": self.flattened, "batches_padded": self.padded, "padding_saved": round(saved, 3)}
+
+
+class PadOrFlatten(Flattening):
+    """Data collator for tokenised SFT rows (`input_ids`, `labels`): each batch padded to its longest row or
+    flattened, as `Flattening` decides and records."""
+
+    def __init__(self, pad_token_id: int, costs: Costs, mode="auto"):
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        super().__init__(costs, mode)
+        self._pad = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+        self._flat = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
+
+    def flatten(self, lengths: list[int]) -> bool:
+        return self.decide(lengths, max(lengths))
+
+    def __call__(self, examples: list[dict]) -> dict:
+        lengths = [len(e["input_ids"]) for e in examples]
+        flat = self.flatten(lengths)
+        self.record(flat, lengths, max(lengths))
+        return (self._flat if flat else self._pad)(examples)
 
 
 def _score_head(model):
@@ -109,18 +121,16 @@ def _score_head(model):
     return min(heads, key=lambda item: len(item[0]))[1] if heads else None
 
 
-def flatten_padded_forward(model, costs: Costs, mode="auto", pooled: bool = False) -> PadOrFlatten:
+def flatten_padded_forward(model, costs: Costs, mode="auto", pooled: bool = False) -> Flattening:
     """Wrap `model.forward` (in place) so that a right-, left- or un-padded batch with an attention mask is run
-    flattened where that computes less (`mode` as PadOrFlatten). `pooled`: a sequence classifier, whose score is
+    flattened where that computes less (`mode` as Flattening). `pooled`: a sequence classifier, whose score is
     read, as transformers reads it, at each row's rightmost token that is not the pad token. Returns the counter
     of batches seen."""
     import functools
 
     import torch
 
-    counter = PadOrFlatten.__new__(PadOrFlatten)
-    counter.costs, counter.mode = costs, mode
-    counter.flattened = counter.padded = counter.tokens_computed = counter.tokens_if_padded = 0
+    counter = Flattening(costs, mode)
     forward = model.forward
 
     @functools.wraps(forward)
@@ -137,13 +147,8 @@ def flatten_padded_forward(model, costs: Costs, mode="auto", pooled: bool = Fals
         first = keep.int().argmax(1)
         contiguous = bool(((keep.int().flip(1).argmax(1) * -1 + keep.shape[1] - first) == lengths).all())
         n, width = ids.shape
-        flat = contiguous and bool((lengths > 0).all()) and (
-            bool(mode) if mode != "auto" else costs.flattened(lengths.tolist()) < costs.rows(n, width))
-        flat = flat and n > 1
-        counter.flattened += flat
-        counter.padded += not flat
-        counter.tokens_computed += int(lengths.sum()) if flat else n * width
-        counter.tokens_if_padded += n * width
+        flat = contiguous and bool((lengths > 0).all()) and counter.decide(lengths.tolist(), width)
+        counter.record(flat, lengths.tolist(), width)
         if not flat:
             return forward(*args, **kwargs)
         positions = (keep.cumsum(1) - 1).clamp(min=0)
