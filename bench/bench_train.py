@@ -72,7 +72,7 @@ def matmul_peak(seconds: float = 1.0) -> dict:
 
 def model_shape(model_dir: str) -> dict:
     """Parameters that multiply every token (all but the embedding lookup) and the LM head's (hidden x vocab),
-    counted on the meta device."""
+    counted on the meta device; the layers and the attention's width (heads x head size) for attention's FLOPs."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -84,20 +84,25 @@ def model_shape(model_dir: str) -> dict:
     head = config.hidden_size * config.vocab_size
     if not getattr(config, "tie_word_embeddings", False):
         body -= head
-    return {"params": body + embed, "body_params": body, "head_params": head}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"params": body + embed, "body_params": body, "head_params": head, "layers": config.num_hidden_layers,
+            "attention_width": config.num_attention_heads * head_dim}
 
 
 def model_flops(method: str, shape: dict, counts: dict, full: bool) -> float:
     """About 6 x params x tokens for full fine-tuning and 4 x for LoRA (no weight gradients for frozen weights),
-    the LM head only where the loss reads its logits; plus the reference's forward (2 x) for DPO and KTO, and
-    KTO's KL pass (policy and reference forwards over as many mismatched tokens)."""
+    the LM head only where the loss reads its logits; plus attention's own (each layer's scores and weighted sum,
+    4 x width FLOPs per causal query-key pair of an example, as PaLM's MFU counts them; 3 x that to train, since
+    LoRA or not the gradient runs through every layer's attention); plus the reference's forward (2 x) for DPO and
+    KTO, and KTO's KL pass (policy and reference forwards over as many mismatched tokens)."""
     k = 6 if full else 4
     body, head = shape["body_params"], shape["head_params"]
     tokens, read = counts["tokens"], counts["loss_positions"]
-    train = k * (body * tokens + head * read)
+    attention = 4 * shape["layers"] * shape["attention_width"] * counts["pairs"]
+    train = k * (body * tokens + head * read) + 3 * attention
     if method == "reward":
-        return k * body * tokens
-    forward = 2 * (body * tokens + head * read)
+        return k * body * tokens + 3 * attention
+    forward = 2 * (body * tokens + head * read) + attention
     if method == "dpo":
         return train + forward
     if method == "kto":
@@ -118,8 +123,9 @@ def token_counts(method: str, rows: list[dict], tokenizer, max_length: int) -> d
         enc = tokenize_sft(to_conversations(rows), tokenizer, completion_only=True)
         lengths = [min(len(ids), max_length) for ids in enc["input_ids"]]
         read = sum(sum(m[:max_length]) for m in enc["completion_mask"])
-        return {"tokens": sum(lengths), "loss_positions": read, "longest": max(lengths), "rows": len(rows)}
-    tokens = read = longest = 0
+        return {"tokens": sum(lengths), "loss_positions": read, "longest": max(lengths), "rows": len(rows),
+                "pairs": sum(n * (n + 1) // 2 for n in lengths)}
+    tokens = read = longest = pairs = 0
     conv = to_unpaired(rows) if method == "kto" else to_pairs(rows)
     for r in conv:
         answers = (r["completion"],) if method == "kto" else (r["chosen"], r["rejected"])
@@ -130,8 +136,9 @@ def token_counts(method: str, rows: list[dict], tokenizer, max_length: int) -> d
             tokens += n_all
             read += n_all - n_head
             longest = max(longest, n_all)
+            pairs += n_all * (n_all + 1) // 2
     return {"tokens": tokens, "loss_positions": read if method != "reward" else 0, "longest": longest,
-            "rows": len(rows)}
+            "rows": len(rows), "pairs": pairs}
 
 
 # ------------------------------------------------------------------------------------------------

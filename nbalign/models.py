@@ -268,6 +268,8 @@ def apply_adapter(model, adapter: AdapterSpec, seed: int, task_type: str = "CAUS
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from .fastpaths import cheaper_dropout
+
     if adapter.quantize:
         # Gradient checkpointing is a memory trade this small model does not need; the caller decides.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -281,7 +283,9 @@ def apply_adapter(model, adapter: AdapterSpec, seed: int, task_type: str = "CAUS
         task_type=task_type,  # SEQ_CLS also trains and saves the new score head
     )
     torch.manual_seed(seed)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    cheaper_dropout(model)  # the same dropout, its random masks drawn in a sixth of the time (fastpaths.py)
+    return model
 
 
 

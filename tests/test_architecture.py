@@ -14,7 +14,7 @@ LAYERS = {
     "errors": 0, "version": 0, "clock": 0,
     "spec_fields": 1, "specs": 1, "adapters": 1, "preference_specs": 1, "text": 1, "outcomes": 1,
     # the engine
-    "runfolder": 2, "devices": 2, "models": 2, "data": 2, "preference_data": 2, "scoring": 2, "tokens": 2, "batching": 2, "generation": 2,
+    "runfolder": 2, "devices": 2, "models": 2, "data": 2, "preference_data": 2, "scoring": 2, "tokens": 2, "batching": 2, "fastpaths": 2, "generation": 2,
     "evaluation": 2, "evalcache": 2, "memory": 2, "results": 2, "mixing": 2, "callbacks": 2, "plots": 2, "examples": 2,
     "labeling": 2, "labeling.rows": 2, "labeling.store": 2,
     "runs": 3, "labeling.candidates": 3, "labeling.judge": 3, "labeling.agreement": 3, "labeling.constitution": 3, "labeling.widgets": 3, "labeling.live": 4,

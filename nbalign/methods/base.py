@@ -278,6 +278,9 @@ def _train(method: Method, plan: Plan, main: bool = True) -> NbalignError | None
     meter = PeakMeter(plan.device)
     try:
         with clock.phase("loading"):
+            from ..fastpaths import install_head
+
+            install_head()  # on a CPU, TRL's fused LM head scores only the read positions (fastpaths.py)
             model = method.load_model(plan)
             state["model"] = model
             extras = method.extra_callbacks(plan) if main else []

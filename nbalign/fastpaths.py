@@ -1,0 +1,194 @@
+"""Two places where a CPU training step spent its time on work that need not be done.
+
+Training code imports this module (it imports torch); nothing on the way to `%load_ext nbalign` does.
+
+**The LM head.** TRL (>= 1.16) gives every trainer a fused LM head: the per-token log-probabilities of the labels,
+computed in tiles without the `[tokens, vocab]` logits. On CUDA a Triton kernel folds the tiles and only the
+positions whose label is read are scored. Without Triton (a CPU) TRL scores every position, prompt and padding
+included, and folds each tile with a dozen element-wise fp32 passes; on SmolLM2-135M (8 x 594 tokens, bf16
+autocast) that head took 16.7 s of a 39 s SFT step. `install_head()` swaps in, for CPU tensors only, `CpuLogProbs`:
+only the read positions, one matrix multiply per block of rows in the compute dtype (bf16 under autocast, as
+TRL's), then a fused `log_softmax` and the requested statistics (entropy, log sum p^2, mean logit, top-1) in fp32;
+the backward recomputes the block, as TRL's does, so the logits are never kept. 2.9 s instead of 16.7 s, TRL's
+values and gradients to rounding (tests/test_fastpaths.py). CUDA keeps TRL's kernel; a TRL without the two names
+this replaces keeps its own head (`install_head` returns False: slower, not wrong).
+
+**LoRA dropout.** peft's `nn.Dropout` draws one random number per value of every adapted layer's input
+(`bernoulli_`): 4.3 s of that step. `WordDropout` draws 64 random bits for four values: the same regulariser
+(p kept to 1/32768), 0.7 s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+OPTIONAL = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+ROW_BYTES = 1 << 27  # fp32 logits held at once: 128 MiB (about 680 positions of a 49,152-token vocabulary)
+
+_installed = False
+
+
+def _rows(n: int, vocab: int) -> int:
+    return max(16, ROW_BYTES // (4 * vocab))
+
+
+class CpuLogProbs(torch.autograd.Function):
+    """TRL's `ChunkedLogProbFunction` (same arguments, same outputs) in whole-vocabulary rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+                outputs=("log_probs",) + OPTIONAL):
+        ctx.set_materialize_grads(False)
+        compute = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+        scale = logit_scale / temperature
+        n, vocab = hidden.shape[0], weight.shape[0]
+        f32 = {"dtype": torch.float32}
+        log_probs = torch.empty(n, **f32)
+        entropy = torch.empty(n, **f32) if "entropy" in outputs else None
+        sq = torch.empty(n, **f32) if "log_sum_sq_probs" in outputs else None
+        mean = torch.empty(n, **f32) if "mean_logits" in outputs else None
+        top1 = torch.empty(n, dtype=torch.bool) if "is_top1" in outputs else None
+        with torch.autocast("cpu", enabled=False):
+            w = weight.to(compute)
+            b = bias.to(compute) if bias is not None else None
+            step = _rows(n, vocab)
+            for s in range(0, n, step):
+                e = min(s + step, n)
+                t = targets[s:e, None]
+                z = _logits(hidden[s:e].to(compute), w, b, scale)
+                log_p = torch.log_softmax(z, -1)
+                log_probs[s:e] = log_p.gather(-1, t).squeeze(-1)
+                if mean is not None:
+                    mean[s:e] = z.mean(-1)
+                if top1 is not None:
+                    top1[s:e] = z.argmax(-1) == t.squeeze(-1)  # the first maximum, as TRL's kernel counts ties
+                del z
+                if entropy is not None or sq is not None:
+                    p = torch.exp(log_p)
+                    if entropy is not None:
+                        entropy[s:e] = -_dot(p, log_p)
+                    if sq is not None:
+                        sq[s:e] = torch.log(_dot(p, p))
+        ctx.save_for_backward(hidden, weight, bias, targets, entropy)
+        ctx.compute, ctx.scale = compute, scale
+        ctx.mark_non_differentiable(*(x for x in (sq, mean, top1) if x is not None))
+        return log_probs, entropy, sq, mean, top1
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, *_):
+        hidden, weight, bias, targets, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32) if need_bias else None
+        with torch.autocast("cpu", enabled=False):
+            w = weight.to(ctx.compute)
+            b = bias.to(ctx.compute) if bias is not None else None
+            step = _rows(n, vocab)
+            for s in range(0, n, step):
+                e = min(s + step, n)
+                t = targets[s:e, None]
+                h = hidden[s:e].to(ctx.compute)
+                z = _logits(h, w, b, ctx.scale)
+                # d log p_t / dz_j = 1[j = t] - p_j;  dH / dz_j = -p_j (log p_j + H)
+                g = grad_logprobs[s:e, None].float() if grad_logprobs is not None else z.new_zeros(e - s, 1)
+                if grad_entropy is None:  # the usual case: one softmax, the gradient written in `compute`
+                    p = torch.softmax(z, -1)
+                    del z
+                    p.scatter_add_(-1, t, torch.full_like(g, -1.0))
+                    grad = torch.mul(p, g.mul(-ctx.scale), out=torch.empty(p.shape, dtype=ctx.compute))
+                else:
+                    log_p = torch.log_softmax(z, -1)
+                    del z
+                    p = torch.exp(log_p)
+                    grad = p * log_p.add_(entropy[s:e, None]) * grad_entropy[s:e, None].float().neg()
+                    grad.sub_(p.mul_(g)).scatter_add_(-1, t, g)
+                    grad = grad.mul_(ctx.scale).to(ctx.compute)
+                del p
+                if grad_hidden is not None:
+                    grad_hidden[s:e] = torch.mm(grad, w)
+                if grad_weight is not None:
+                    grad_weight.add_(torch.mm(grad.t(), h))
+                if grad_bias is not None:
+                    grad_bias.add_(grad.sum(0, dtype=torch.float32))
+        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None)
+
+
+
+def _dot(a, b):
+    """Row-wise dot products (a batched matrix multiply: one pass, no product tensor)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _logits(h, w, b, scale: float):
+    """One block of rows' logits in fp32, scaled (a fresh tensor the caller may change in place)."""
+    z = torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
+    z = z.float()
+    return z.mul_(scale) if scale != 1.0 else z
+
+
+def install_head() -> bool:
+    """Route TRL's fused head through `CpuLogProbs` for CPU tensors, once per process. False where this TRL does
+    not have the fused head this replaces (its own head then runs, correct and slower)."""
+    global _installed
+    if _installed:
+        return True
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        return False
+    original, use_triton = getattr(trl_utils, "_ChunkedLogProbFunction", None), getattr(trl_utils, "_use_triton", None)
+    if original is None or use_triton is None:
+        return False
+    cpu = CpuLogProbs
+
+    class Dispatch:
+        """TRL's function on devices with Triton (and with a soft cap, which only Gemma's heads have); ours on CPUs."""
+
+        cpu_function = cpu
+        trl_function = original
+
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, *rest):
+            chosen = cpu if hidden.device.type == "cpu" and softcap is None else original
+            return chosen.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, *rest)
+
+    def scores_only_read_positions(device) -> bool:
+        # TRL scores only the positions with a label where this is true; elsewhere every position.
+        return device.type == "cpu" or use_triton(device)
+
+    trl_utils._ChunkedLogProbFunction = Dispatch
+    trl_utils._use_triton = scores_only_read_positions
+    _installed = True
+    return True
+
+
+class WordDropout(torch.nn.Dropout):
+    """`nn.Dropout` whose keep mask comes from 15 random bits per value, four values to one 64-bit draw. Under
+    autocast the input is cast first, as the adapter's matrix multiply would cast it: the mask kept for the
+    backward is then in bf16, not fp32, and the multiply runs in one dtype."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        bits = words.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # random_() leaves an int64's top bit 0
+        return x * (bits >= round(self.p * 32768)).to(x.dtype) * (1 / (1 - self.p))
+
+
+def cheaper_dropout(model) -> int:
+    """Replace peft's LoRA dropout modules by `WordDropout`s of the same p; returns how many."""
+    swapped = 0
+    for module in model.modules():
+        for name, dropout in getattr(module, "lora_dropout", {}).items():
+            if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                module.lora_dropout[name] = WordDropout(dropout.p)
+                swapped += 1
+    return swapped
