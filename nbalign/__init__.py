@@ -9,7 +9,7 @@ from __future__ import annotations
 from .version import __version__
 
 __all__ = [
-    "lora", "sft", "dpo", "kto", "reward_model", "rlhf", "evaluate", "replay", "RewardModel", "list_runs", "generate",
+    "lora", "sft", "dpo", "kto", "reward_model", "rlhf", "merge", "compare", "chat", "evaluate", "replay", "RewardModel", "list_runs", "generate",
     "Run", "label_pairs", "label_thumbs", "LabelStore", "prelabel", "agreement", "revise", "make_judge",
     "NbalignError", "session", "load_ipython_extension", "examples", "__version__",
 ]
@@ -21,6 +21,9 @@ _LAZY = {
     "kto": ("api", "kto"),
     "reward_model": ("api", "reward_model"),
     "rlhf": ("api", "rlhf"),
+    "merge": ("api", "merge"),
+    "compare": ("views", "compare"),
+    "chat": ("views", "chat"),
     "evaluate": ("api", "evaluate"),
     "replay": ("api", "replay"),
     "RewardModel": ("runs", "RewardModel"),

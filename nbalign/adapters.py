@@ -10,7 +10,8 @@ from .errors import NbalignError
 from .spec_fields import Spec, choice, opt
 
 
-ADAPTER_TYPES = ("lora", "dora", "full")
+ADAPTER_TYPES = ("lora", "dora", "ia3", "prefix", "prompt", "full")
+PROMPT_LEARNING = ("prefix", "prompt")  # virtual tokens instead of changed layers
 QUANTIZE = (None, "4bit")
 
 
@@ -20,7 +21,9 @@ class AdapterSpec(Spec):
 
     where: typing.ClassVar[str] = "%%lora"
 
-    type: str = opt("lora", "lora, dora (weight-decomposed LoRA), or full (every weight trains)")
+    type: str = opt("lora", "lora, dora (weight-decomposed LoRA), ia3 (learned scales of keys, values and the MLP), "
+                            "prefix (prefix tuning: learned keys and values in every layer), prompt (prompt tuning: "
+                            "learned input embeddings), or full (every weight trains)")
     r: int = opt(16, "LoRA rank: the adapter's width; trainable parameters grow linearly with it")
     alpha: int | None = opt(None, "LoRA scaling numerator (update scaled by alpha/r); default 2*r")
     dropout: float = opt(0.05, "dropout on the adapter's input")
@@ -29,6 +32,7 @@ class AdapterSpec(Spec):
         "modules that get adapters: all-linear, or a list of names such as [q_proj, v_proj]",
     )
     quantize: str | None = opt(None, "4bit: load the frozen base in NF4 with double quantization (QLoRA)")
+    virtual_tokens: int = opt(20, "prefix and prompt tuning: how many virtual tokens are learned")
 
     def __post_init__(self):
         self.type = str(self.type).lower()
@@ -43,6 +47,14 @@ class AdapterSpec(Spec):
                 "%%lora: full fine-tuning cannot train 4-bit weights.",
                 "use `type: lora` with `quantize: 4bit` (QLoRA), or drop `quantize` for full fine-tuning.",
             )
+        if self.quantize and self.type not in ("lora", "dora"):
+            raise NbalignError(
+                f"%%lora: 4-bit loading is offered with LoRA and DoRA (QLoRA), not with type {self.type}.",
+                "use `type: lora` with `quantize: 4bit`, or drop `quantize`.",
+            )
+        if self.virtual_tokens < 1:
+            raise NbalignError(f"%%lora: 'virtual_tokens' must be at least 1, got {self.virtual_tokens}.",
+                               "use e.g. virtual_tokens: 20.")
         if self.r < 1:
             raise NbalignError(f"%%lora: 'r' must be at least 1, got {self.r}.", "use a rank such as 8 or 16.")
         if self.alpha is not None and not self.alpha > 0:
@@ -67,6 +79,14 @@ class AdapterSpec(Spec):
     def describe(self) -> str:
         if self.type == "full":
             return "full fine-tuning"
+        if self.type == "ia3":
+            targets = "keys, values and MLP down projections" if self.target_modules == "all-linear" else \
+                ",".join([self.target_modules] if isinstance(self.target_modules, str) else self.target_modules)
+            return f"IA3 on {targets}"
+        if self.type == "prefix":
+            return f"prefix tuning, {self.virtual_tokens} virtual tokens in every layer"
+        if self.type == "prompt":
+            return f"prompt tuning, {self.virtual_tokens} virtual input tokens"
         kind = ("QLoRA 4-bit" if self.quantize else "LoRA") + (" + DoRA" if self.type == "dora" else "")
         targets = self.target_modules if isinstance(self.target_modules, str) else ",".join(self.target_modules)
         return f"{kind} r={self.r} alpha={self.scaling_alpha} on {targets}"

@@ -58,6 +58,7 @@ def lora(
     target_modules: Any = None,
     quantize: str | None = None,
     type: str | None = None,
+    virtual_tokens: int | None = None,
     model: str = BUILTIN_MODEL,
 ) -> AdapterReport:
     """Set how later training cells update the weights (what `%%lora` does), and report what it costs on
@@ -65,7 +66,7 @@ def lora(
     computed on the meta device (no weights are read), so it is instant. Unset arguments take AdapterSpec's
     defaults (`%%lora --help` lists them)."""
     given = {"type": type, "r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules,
-             "quantize": quantize}
+             "quantize": quantize, "virtual_tokens": virtual_tokens}
     spec = AdapterSpec.from_dict({k: v for k, v in given.items() if v is not None})
     report = adapter_report(spec, model)
     session.adapter = spec
@@ -244,6 +245,15 @@ def rlhf(data: Any = None, reward: Any = None, model: str | None = None, out: st
     """Online RL against a reward model run or Python reward functions (what `%%rlhf` does).
     `options` are RLHFSpec fields or any TRL GRPOConfig / RLOOConfig field."""
     return run_spec(build_spec("rlhf", {"data": data, "reward": reward, "model": model, "out": out, **options}))
+
+
+def merge(runs: Any = None, method: str | None = None, out: str | None = None, **options) -> Run:
+    """Merge finished runs into a new run folder without training (what `%%merge` does): adapters of one base
+    through peft (cat by default: the exact weighted sum of their updates), whole models through mergekit.
+    `options` are MergeSpec fields: weights, density, t, rank, majority_sign_method, overwrite."""
+    from .methods.merge import MergeSpec, merge as merge_runs
+
+    return merge_runs(MergeSpec.from_dict({"runs": runs, "method": method, "out": out, **options}))
 
 
 def replay(path: str | Path, out: str | None = None, **changes):

@@ -62,7 +62,9 @@ def supports_flattening(model) -> bool:
     implementation that does)."""
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None) if config is not None else None
-    return impl in BOUNDARY_AWARE
+    # Prefix and prompt tuning put virtual tokens before each row: a flattened row would have one prefix for all.
+    prompt_learning = any(getattr(c, "is_prompt_learning", False) for c in getattr(model, "peft_config", {}).values())
+    return impl in BOUNDARY_AWARE and not prompt_learning
 
 
 class Flattening:

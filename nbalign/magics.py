@@ -15,6 +15,7 @@ from .errors import NbalignError, unknown_option
 from .preference_specs import DPOSpec, KTOSpec, RewardSpec, RLHFSpec
 from .adapters import AdapterSpec
 from .spec_fields import Spec, _base_type
+from .methods.merge import MergeSpec
 from .specs import SFTSpec
 
 # Spec fields whose value may name a notebook variable (or, for `reward`, a list of them).
@@ -187,6 +188,16 @@ RLHF_PARSER = build_parser(
     "in the notebook), and the policy moves to higher reward with a KL penalty to the reference.\n\n"
     "  %%rlhf --model runs/json-sft --data prompts --reward runs/rm1 --out runs/rl1",
 )
+MERGE_PARSER = build_parser(
+    MergeSpec, "%%merge",
+    "Merge finished runs into a new run, without training. Adapters of one base are combined by peft (cat,\n"
+    "the default, adds their updates exactly; svd, ties, dare_ties, dare_linear, magnitude_prune, linear);\n"
+    "whole models (full fine-tunes, model folders, or slerp) by mergekit (`pip install 'nbalign[merge]'`).\n"
+    "The result is a run folder: use it as --model, or run.generate(...).\n\n"
+    "  %%merge --out runs/json-and-safe -o merged\n  runs: [runs/json-sft, runs/refuse-sft]\n  method: ties\n"
+    "  weights: [0.6, 0.4]\n  density: 0.5",
+    extra=False,
+)
 NBALIGN_USAGE = """%nbalign runs [ROOT]   list past runs (default ROOT: runs)
 %nbalign lora          show the session's adapter setting
 %nbalign reset         back to the default adapter; free the model kept for generation
@@ -276,6 +287,12 @@ class NbalignMagics(Magics):
 
         return self._train(RLHF_PARSER, api.rlhf, line, cell)
 
+    @line_cell_magic
+    def merge(self, line, cell=None):
+        from . import api
+
+        return self._train(MERGE_PARSER, api.merge, line, cell)
+
     @line_magic
     def nbalign(self, line):
         from . import api
@@ -305,6 +322,7 @@ NbalignMagics.dpo.__doc__ = _magic_doc(DPO_PARSER)
 NbalignMagics.kto.__doc__ = _magic_doc(KTO_PARSER)
 NbalignMagics.reward_model.__doc__ = _magic_doc(REWARD_PARSER)
 NbalignMagics.rlhf.__doc__ = _magic_doc(RLHF_PARSER)
+NbalignMagics.merge.__doc__ = _magic_doc(MERGE_PARSER)
 NbalignMagics.nbalign.__doc__ = NBALIGN_USAGE
 
 

@@ -90,9 +90,17 @@ def activation_elements(arch: dict, adapter, adapted: list) -> int:
 
 def trainable(skel, adapter) -> int:
     """Parameters the optimizer updates: all of them for full fine-tuning; r x (in + out) per adapted linear layer
-    for LoRA (plus DoRA's magnitude vector, one value per output)."""
+    for LoRA (plus DoRA's magnitude vector, one value per output); one scale per key, value and MLP input for IA3;
+    the virtual tokens' vectors for prefix (keys and values in every layer) and prompt tuning."""
     if adapter.type == "full":
         return sum(p.numel() for p in skel.parameters())
+    if adapter.type in ("ia3", "prefix", "prompt"):
+        arch = architecture(skel)
+        if adapter.type == "prompt":
+            return adapter.virtual_tokens * arch["hidden"]
+        if adapter.type == "prefix":
+            return adapter.virtual_tokens * arch["layers"] * 2 * arch["kv_width"]
+        return arch["layers"] * (2 * arch["kv_width"] + arch["intermediate"])  # keys, values, MLP input
     return sum(adapter.r * (m.in_features + m.out_features) + (m.out_features if adapter.type == "dora" else 0)
                for m in linear_layers(skel, adapter))
 
@@ -118,7 +126,7 @@ def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens:
     compute_bytes = 2.0 if device.bf16 else 5 if device.amp else 7
     if getattr(adapter, "quantize", None):
         compute_bytes *= 1.25  # 4-bit layers keep their dequantised inputs too: 15,014 MiB vs LoRA's 12,050 (H100)
-    adapted = linear_layers(skel, adapter) if adapter.type != "full" else []
+    adapted = linear_layers(skel, adapter) if adapter.type in ("lora", "dora") else []
     per_layer = activation_elements(arch, adapter, adapted)
     per_token = (arch["hidden"] * arch["layers"] + per_layer if checkpointing else per_layer * arch["layers"]) \
         * compute_bytes

@@ -198,7 +198,15 @@ def _merge_parents(model, parents):
 
             model = AutoModelForCausalLM.from_pretrained(weights, dtype=model.dtype)
         else:
-            model = PeftModel.from_pretrained(model, weights).merge_and_unload()
+            model = PeftModel.from_pretrained(model, weights)
+            if model.active_peft_config.is_prompt_learning:  # virtual tokens: nothing to fold into the weights
+                if run != parents[-1]:
+                    raise NbalignError(
+                        f"The run '{run}' learned virtual tokens (prefix or prompt tuning), which cannot be merged "
+                        "into weights, so no run can continue from it.",
+                        "train the next run from that run's base model, or use LoRA or IA3 for a run to build on.")
+                return model
+            model = model.merge_and_unload()
     return model
 
 
@@ -260,20 +268,21 @@ def check_targets(model, adapter: AdapterSpec, model_name: str) -> None:
         )
 
 
-def apply_adapter(model, adapter: AdapterSpec, seed: int, task_type: str = "CAUSAL_LM"):
-    """Wrap `model` for training as the adapter spec says; full fine-tuning returns it unchanged."""
-    if adapter.type == "full":
-        model.requires_grad_(True)
-        return model
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def peft_config(adapter: AdapterSpec, task_type: str = "CAUSAL_LM"):
+    """The peft config of an adapter spec (every type but full)."""
+    import peft
 
-    from .fastpaths import cheaper_dropout
-
-    if adapter.quantize:
-        # Gradient checkpointing is a memory trade this small model does not need; the caller decides.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(
+    if adapter.type == "ia3":
+        # "all-linear": peft's per-architecture targets from the IA3 paper (keys, values, the MLP's down projection).
+        targets = None if adapter.target_modules == "all-linear" else adapter.target_modules
+        ff = None if targets is None else [t for t in ([targets] if isinstance(targets, str) else targets)
+                                           if t in ("down_proj", "fc2", "c_proj", "dense_4h_to_h")]
+        return peft.IA3Config(target_modules=targets, feedforward_modules=ff, task_type=task_type)
+    if adapter.type == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=adapter.virtual_tokens, task_type=task_type)
+    if adapter.type == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=adapter.virtual_tokens, task_type=task_type)
+    return peft.LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.scaling_alpha,
         lora_dropout=adapter.dropout,
@@ -282,6 +291,22 @@ def apply_adapter(model, adapter: AdapterSpec, seed: int, task_type: str = "CAUS
         bias="none",
         task_type=task_type,  # SEQ_CLS also trains and saves the new score head
     )
+
+
+def apply_adapter(model, adapter: AdapterSpec, seed: int, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` for training as the adapter spec says; full fine-tuning returns it unchanged."""
+    if adapter.type == "full":
+        model.requires_grad_(True)
+        return model
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from .fastpaths import cheaper_dropout
+
+    if adapter.quantize:
+        # Gradient checkpointing is a memory trade this small model does not need; the caller decides.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = peft_config(adapter, task_type)
     torch.manual_seed(seed)
     model = get_peft_model(model, config)
     cheaper_dropout(model)  # the same dropout, its random masks drawn in a sixth of the time (fastpaths.py)

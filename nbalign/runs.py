@@ -73,6 +73,15 @@ class Run:
 
         return evaluate(str(self.path), data, **options)
 
+    def export(self, target: str | Path, merged: bool = True, gguf_type: str = "f16", dtype: str = "float32") -> Path:
+        """The tuned model for other tools: a folder of merged safetensors (`merged=True`, loadable by
+        AutoModelForCausalLM.from_pretrained), the adapter alone (`merged=False`), or a GGUF file for
+        llama.cpp-based tools (`target` ending in .gguf; gguf_type f16 or q8_0). Checked by loading it back."""
+        from .export import export
+
+        self._check_finished()
+        return export(self.path, target, merged=merged, gguf_type=gguf_type, dtype=dtype)
+
     @property
     def evaluation(self):
         """The evaluation measured at the end of training, or None."""
@@ -90,6 +99,18 @@ class Run:
         s = self.summary
         extra = f", train_loss={s['train_loss']:.4f}" if "train_loss" in s else ""
         return f"Run({str(self.path)!r}, method={self.method!r}, status={self.status!r}{extra})"
+
+    @property
+    def card(self) -> str | None:
+        """The run's model card (README.md), or None before it is written."""
+        return _card(self.path)
+
+    def _card_html(self) -> str:
+        card = self.card
+        if card is None:
+            return ""
+        return ("<details><summary>model card (README.md)</summary><pre style='white-space:pre-wrap'>"
+                f"{html.escape(card)}</pre></details>")
 
     def _repr_html_(self) -> str:
         import base64
@@ -121,8 +142,14 @@ class Run:
             f"<div><b>nbalign {html.escape(self.method)} run</b> <code>{html.escape(str(self.path))}</code>"
             f"<div style='display:flex;gap:1em;align-items:flex-start'><table>{table}</table>{img}</div>"
             + (evaluation._repr_html_() if evaluation is not None else "")
+            + self._card_html()
             + "</div>"
         )
+
+
+def _card(path: Path) -> str | None:
+    card = path / runfolder.CARD
+    return card.read_text(encoding="utf-8") if card.is_file() else None
 
 
 def _fmt(v: Any) -> Any:

@@ -33,7 +33,8 @@ def forward_logprobs(model, ids, attention):
 
     with torch.no_grad():
         logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    # Prompt tuning puts its virtual tokens' positions first: the text's positions are the last ones.
+    return torch.log_softmax(logits[:, -ids.shape[1]:-1].float(), dim=-1)
 
 
 def sequence_logps(model, tokenizer, heads: list[str], tails: list[str], batch_size: int = 8):

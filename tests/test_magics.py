@@ -220,3 +220,16 @@ def test_label_data_and_live_on_the_magic_line(ip, engines, in_tmp, monkeypatch)
     monkeypatch.setattr("nbalign.api.live", lambda spec: started.append(spec))
     ip.run_line_magic("dpo", "--data labels --live --live-every 4")
     assert started[0].live is True and started[0].live_every == 4 and started[0].data is labels
+
+
+def test_merge_magic_builds_its_spec_from_line_and_body(ip, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr("nbalign.methods.merge.merge", lambda spec: seen.append(spec) or "merged")
+    ip.run_cell_magic("merge", "--out runs/both -o m --weights 0.6,0.4",
+                      "runs: [runs/json-sft, runs/terse-dpo]\nmethod: TIES\ndensity: 0.5\n")
+    spec = seen[0]
+    assert spec.runs == ["runs/json-sft", "runs/terse-dpo"] and spec.method == "ties" and spec.density == 0.5
+    assert spec.weights == [0.6, 0.4] and spec.out == "runs/both" and ip.user_ns["m"] == "merged"
+    assert ip.run_cell("%merge --help").success and "usage: %%merge" in capsys.readouterr().out
+    result = ip.run_cell("%%merge\nruns: [runs/a]\n")
+    assert isinstance(result.error_in_exec, NbalignError) and "at least two runs" in str(result.error_in_exec)

@@ -27,7 +27,7 @@ def test_unknown_keys_pass_through_to_trl_for_methods():
     [
         ({"r": 0}, "'r' must be at least 1"),
         ({"dropout": 1.5}, "'dropout' must be in"),
-        ({"type": "prefix"}, "'type' must be one of"),
+        ({"type": "adalora"}, "'type' must be one of"),
         ({"quantize": "3bit"}, "'quantize' must be one of"),
         ({"type": "full", "quantize": "4bit"}, "full fine-tuning cannot train 4-bit"),
         ({"r": "many"}, "'r' must be an int"),

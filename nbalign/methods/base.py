@@ -112,6 +112,11 @@ class Method:
         from ..models import apply_adapter, load_model
 
         model = load_model(plan.ref, plan.device, plan.adapter)
+        if hasattr(model, "peft_config"):
+            raise NbalignError(
+                f"The model '{plan.spec.model}' ends in a prefix or prompt tuning run: its virtual tokens cannot be "
+                "merged into the weights another run starts from.",
+                "train from that run's base model, or use LoRA or IA3 for a run to build on.")
         return apply_adapter(model, plan.adapter, plan.spec.seed)
 
     def extra_callbacks(self, plan: Plan) -> list:
