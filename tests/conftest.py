@@ -48,6 +48,9 @@ LONGEST = {
     "test_reward_model_learns_the_terse_style_on_the_builtin_model": 72,
     "test_the_estimate_is_within_a_quarter_of_the_measured_peak": 50,
     "test_two_cpu_processes_under_accelerate_reach_the_single_process_loss": 50,
+    "test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each": 290,
+    "test_each_type_moves_the_builtin_model_toward_the_data": 60,
+    "test_the_builtin_model_tuned_exports_to_gguf_and_gives_the_runs_greedy_answers": 60,
 }
 
 

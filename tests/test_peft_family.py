@@ -71,15 +71,14 @@ def _reference_nll(model_name: str, rows: list) -> float:
 @pytest.mark.parametrize("kind", ["ia3", "prefix", "prompt"])
 def test_each_type_moves_the_builtin_model_toward_the_data(in_tmp, kind):
     """One end-to-end run per type on the built-in model, on its defaults: the held-out reference answers (the
-    one-line JSON format) become far likelier (per token); the share of answers in that form is printed beside."""
+    one-line JSON format) become far likelier (per token)."""
     from nbalign.examples import json_answers
 
     heldout = json_answers("heldout")
     nbalign.lora(type=kind)
-    run = nbalign.sft(json_answers("train"), eval_data=heldout, out=f"runs/{kind}", probe=False, fewshot=0)
+    run = nbalign.sft(json_answers("train"), out=f"runs/{kind}", eval_split=0, watch=False, probe=False, fewshot=0)
     before, after = _reference_nll("smollm2-135m", heldout), _reference_nll(str(run.path), heldout)
-    summary = run.evaluation.summary()
-    print(f"{kind}: held-out reference NLL/token {before:.3f} -> {after:.3f}, form {summary['form_before']} -> "
-          f"{summary['form']}")
-    # Measured: prompt tuning 3.39 -> 0.82 (11/16 answers in form), IA3 -> 0.64 (5/16), prefix tuning -> 2.10 (0/16).
+    print(f"{kind}: held-out reference NLL/token {before:.3f} -> {after:.3f}")
+    # Measured with the run's own evaluation too: prompt tuning 3.39 -> 0.82 (11/16 held-out answers in the
+    # form), IA3 -> 0.64 (5/16), prefix tuning -> 2.10 (0/16); LoRA on the same data 14/16.
     assert after < 0.7 * before
