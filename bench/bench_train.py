@@ -364,7 +364,8 @@ def render(report: dict) -> str:
         "Real tokens: non-padding tokens the epoch feeds the model (both answers of a DPO/reward pair), the same "
         "count on every side; tokens/s over TRL's `train_runtime`. Memory: the process's peak RSS (CUDA: max "
         "allocated). MFU: model FLOPs (about 4 x params x tokens for LoRA, the LM head only where the loss reads "
-        "it, plus reference and KL forwards) per second over the measured matmul peak of the side's precision. "
+        "it, attention's scores and sums, plus reference and KL forwards) per second over the measured matmul "
+        "peak of the side's precision. "
         "The SFT loss of `trl` covers every token (TRL's default for `messages` rows), so it is not comparable.",
         "", f"load average at the end: {report['loadavg_end']}", ""])
 
