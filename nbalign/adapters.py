@@ -11,7 +11,6 @@ from .spec_fields import Spec, choice, opt
 
 
 ADAPTER_TYPES = ("lora", "dora", "ia3", "prefix", "prompt", "full")
-PROMPT_LEARNING = ("prefix", "prompt")  # virtual tokens instead of changed layers
 QUANTIZE = (None, "4bit")
 
 

@@ -28,7 +28,7 @@ ROW_BYTES = 1 << 27  # fp32 logits held at once: 128 MiB (about 680 positions of
 _installed = False
 
 
-def _rows(n: int, vocab: int) -> int:
+def _rows(vocab: int) -> int:
     return max(16, ROW_BYTES // (4 * vocab))
 
 
@@ -51,7 +51,7 @@ class CpuLogProbs(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             w = weight.to(compute)
             b = bias.to(compute) if bias is not None else None
-            step = _rows(n, vocab)
+            step = _rows(vocab)
             for s in range(0, n, step):
                 e = min(s + step, n)
                 t = targets[s:e, None]
@@ -85,7 +85,7 @@ class CpuLogProbs(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             w = weight.to(ctx.compute)
             b = bias.to(ctx.compute) if bias is not None else None
-            step = _rows(n, vocab)
+            step = _rows(vocab)
             for s in range(0, n, step):
                 e = min(s + step, n)
                 t = targets[s:e, None]

@@ -31,6 +31,7 @@ def model_card(method: str, plan, summary: dict, auto: str, notebook: str) -> st
             f"pipeline_tag: {'text-classification' if auto.endswith('SequenceClassification') else 'text-generation'}",
             "tags:", *(f"- {t}" for t in tags), "---", ""]
     intended = getattr(spec, "intended_use", None)
+    config = plan.config.to_dict()
     lines = meta + [
         f"# {out.name}", "",
         f"Trained with nbalign `%%{method}` from `{spec.model}` ({plan.adapter.describe()}).", "",
@@ -47,7 +48,7 @@ def model_card(method: str, plan, summary: dict, auto: str, notebook: str) -> st
         *_data_section(out, data, plan.data.n_examples),
         "## Training settings", "",
         "| setting | value |", "|---|---|",
-        *(f"| {k} | {plan.config.to_dict()[k]} |" for k in SETTINGS if k in plan.config.to_dict()), "",
+        *(f"| {k} | {config[k]} |" for k in SETTINGS if k in config), "",
         *_evaluation_section(out),
         "## Limitations", "",
         f"- Trained on {plan.data.n_examples} examples; behaviour outside what they show is not measured here.",

@@ -1,6 +1,6 @@
 """%%merge: a run folder made without training, from the weights of finished runs.
 
-Adapters of one base (LoRA/DoRA runs trained from the same model) are combined by peft's weighted-adapter
+LoRA adapters of one base (runs trained from the same model; DoRA is refused) are combined by peft's weighted-adapter
 arithmetic into one adapter: `cat` (the default) stacks them, so the merged update is exactly the weighted sum of
 the runs' updates (its rank is the sum of theirs); `svd` is that sum cut back to a rank by SVD; `ties`,
 `dare_ties`, `dare_linear` and `magnitude_prune` prune (by magnitude or at random) and, for TIES, elect a sign per
