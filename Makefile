@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .install-stamp
 
-.PHONY: install demo test test-fast bench bench-quick clean browser
+.PHONY: install demo test test-fast bench bench-quick clean browser notebooks binder-check
 
 $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build where a CPU one is on disk.
@@ -44,6 +44,17 @@ bench: $(STAMP)
 # The same harness on a 2-layer random model and 8 short rows: a smoke check (CI runs it after the tests).
 bench-quick: $(STAMP)
 	$(PYTHON) bench/bench_train.py --quick --results bench/results/quick
+
+# The tutorials with the outputs of a full run, as a reader sees them on GitHub or in Colab (tools/notebooks.py): the
+# "Open in Colab" link and install cell first, then each notebook executed in full in a scratch folder, in turn.
+# About 2 hours on a 2-core CPU; `make notebooks NB="08 09"` runs some of them.
+notebooks: $(STAMP)
+	$(PYTHON) tools/notebooks.py header $(NB)
+	$(PYTHON) tools/notebooks.py run $(NB)
+
+# Installs from binder/ into a fresh virtual environment, as Binder does, and checks the kernel side (CI runs it).
+binder-check:
+	bash binder/check.sh
 
 clean:
 	rm -rf $(STAMP) runs build *.egg-info

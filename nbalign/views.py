@@ -139,7 +139,11 @@ class Chat:
             return ""
         self.messages.append({"role": "user", "content": text})
         self.text.value = ""
-        answer = generate(self.model, [list(self.messages)], max_new_tokens=self.max_new_tokens, **self.kwargs)[0]
+        try:
+            answer = generate(self.model, [list(self.messages)], max_new_tokens=self.max_new_tokens, **self.kwargs)[0]
+        except BaseException:  # an error or an interrupt: no unanswered turn left behind to send twice in a row
+            self.messages.pop()
+            raise
         self.messages.append({"role": "assistant", "content": answer})
         self.log.value = self._render()
         return answer

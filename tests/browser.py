@@ -50,6 +50,19 @@ def missing(app: str = "lab") -> str | None:
     return None
 
 
+def workspace(app: str, tmp_path: Path) -> tuple[Path, Path]:
+    """The notebook folder and the isolated home of one browser test; skips the test where `app` cannot run."""
+    import pytest
+
+    reason = missing(app)
+    if reason:
+        pytest.skip(reason)
+    root, home = tmp_path / "work", tmp_path / "home"
+    root.mkdir()
+    home.mkdir()
+    return root, home
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

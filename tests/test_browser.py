@@ -102,12 +102,7 @@ def shift_enter_runs_the_cell(page, widget, cell: int) -> None:
 
 
 def label_in_browser(app: str, tmp_path: Path, thumbs: bool = True) -> dict:
-    reason = browser.missing(app)
-    if reason:
-        pytest.skip(reason)
-    root, home = tmp_path / "work", tmp_path / "home"
-    root.mkdir()
-    home.mkdir()
+    root, home = browser.workspace(app, tmp_path)
     cells = [SETUP, PAIRS] + ([THUMBS] if thumbs else [])
     browser.write_notebook(root / "labels.ipynb", cells)
     started, times = time.perf_counter(), {}

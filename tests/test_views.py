@@ -55,3 +55,25 @@ def test_chat_keeps_the_conversation_across_turns(tiny_run):
     box.clear()
     assert box.messages == [{"role": "system", "content": "Be brief."}]
     assert box.text.value == ""
+
+
+def test_a_chat_turn_that_fails_or_is_interrupted_leaves_no_unanswered_turn(tiny_model, monkeypatch):
+    """Interrupting the kernel while the model writes (or an error in generation) must not leave the user's turn
+    in the conversation: the next turn would send two user turns in a row (templates that require alternating
+    roles then refuse every later turn) and show a message the log never showed before."""
+    from nbalign import generation
+
+    box = nbalign.chat(tiny_model, max_new_tokens=3)
+    box.send("Hello there")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(generation, "generate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            box.text.value = "a turn that is interrupted"  # what Enter in the text box does
+    assert [m["role"] for m in box.messages] == ["user", "assistant"]
+    box.send("And again?")
+    assert [m["role"] for m in box.messages] == ["user", "assistant", "user", "assistant"]
+    assert "interrupted" not in box.log.value
