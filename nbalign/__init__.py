@@ -6,7 +6,14 @@ cheap: torch, transformers and TRL load on first use.
 
 from __future__ import annotations
 
+import warnings
+
 from .version import __version__
+
+# peft says at every forward of a prefix- or prompt-tuned model that it ignores the position ids it is given: it
+# places the virtual tokens itself, so nothing is wrong, and the notice would fill a cell's output.
+warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning",
+                        category=UserWarning)
 
 __all__ = [
     "lora", "sft", "dpo", "kto", "reward_model", "rlhf", "merge", "compare", "chat", "evaluate", "replay", "RewardModel", "list_runs", "generate",

@@ -42,11 +42,14 @@ def export(run_path: str | Path, target: str | Path, merged: bool = True, gguf_t
     if target.exists() and any(target.iterdir() if target.is_dir() else [True]):
         raise NbalignError(f"export: '{target}' already exists.", "pick a new path, or delete the old export first.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.suffix.lower() == ".gguf":
-        return _gguf(run_path, target, gguf_type)
-    if not merged:
-        return _adapter(run_path, target)
-    return _merged(run_path, target, dtype)
+    from .devices import quiet
+
+    with quiet():  # no weight-loading or shard-writing bars from the libraries under the export
+        if target.suffix.lower() == ".gguf":
+            return _gguf(run_path, target, gguf_type)
+        if not merged:
+            return _adapter(run_path, target)
+        return _merged(run_path, target, dtype)
 
 
 def _final_model(run_path: Path):

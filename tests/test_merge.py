@@ -47,6 +47,8 @@ def test_cat_merge_is_the_exact_weighted_sum_of_the_runs_updates(two_runs):
     assert spec["method"] == "merge" and spec["spec"]["sources"] == [str(a), str(b)]
     card = (merged.path / "README.md").read_text()
     assert "cat" in card and str(a) in card and "0.7" in card
+    assert card.startswith("---\nbase_model:") and "base_model_relation: merge" in card  # the HF metadata block
+    assert "## Intended use" in card and "## Limitations" in card
 
 
 @pytest.mark.parametrize("method", ["linear", "svd", "ties", "dare_ties", "dare_linear", "magnitude_prune",

@@ -50,6 +50,7 @@ class MergeSpec(Spec):
     rank: int | None = opt(None, "svd variants: the merged adapter's rank (default: the largest run's)")
     majority_sign_method: str = opt("total", "ties: elect each weight's sign by total magnitude or frequency")
     whole: bool = opt(False, "merge as whole models (mergekit) even where the runs are adapters of one base")
+    intended_use: str | None = opt(None, "what the merged model is for (and not for), for its model card")
     out: str | None = opt(None, "the run folder to create (default runs/merge-<time>)")
     overwrite: bool = opt(False, "replace an existing folder at --out")
     sources: list = field(default_factory=list, metadata={"help": "filled in: the runs' folders", "line": False})
@@ -129,7 +130,10 @@ def merge(spec: MergeSpec) -> Run:
         _write_spec(out, spec, first, adapters)
         runfolder.set_status(out, "running")
         print(f"nbalign merge: {method} of {', '.join(spec.runs)} -> {out}", flush=True)
-        summary = _merge_adapters(out, spec, sources) if adapters else _merge_models(out, spec, sources)
+        from ..devices import quiet
+
+        with quiet():  # no weight-loading bars or deprecation notices from the libraries under the merge
+            summary = _merge_adapters(out, spec, sources) if adapters else _merge_models(out, spec, sources)
         summary["time_s"] = {"merging": round(time.perf_counter() - started, 1)}
         runfolder.write_card(out, _card(out, spec, first, adapters, summary))
     except KeyboardInterrupt:
@@ -242,18 +246,58 @@ def _merge_models(out: Path, spec: MergeSpec, sources) -> dict:
 
 
 def _card(out: Path, spec: MergeSpec, first, adapters: bool, summary: dict) -> str:
-    rows = [f"| {i + 1} | `{s}` | {w:g} |" for i, (s, w) in enumerate(zip(spec.sources, summary["weights"]))]
+    """The merged run's model card: the Hugging Face metadata block (base model, `base_model_relation: merge`),
+    what it is for, its sources with their weights and their own evaluations, how, limitations, use."""
+    import json
+    import platform
+
+    from ..clock import describe_times
+    from .card import HUB_NAMES
+
+    specs = [runfolder.read_spec(Path(s)) if runfolder.is_run_folder(Path(s)) else {} for s in spec.sources]
+    named = next((sp.get("spec", {}).get("model") for sp in specs if sp.get("spec", {}).get("model")), None)
+    base = HUB_NAMES.get(str(named).lower(), str(named or first.base))
     what = "adapter" if adapters else "model"
-    lines = [
+    meta = ["---", f"base_model: {json.dumps(base)}", "base_model_relation: merge",
+            f"library_name: {'peft' if adapters else 'transformers'}", "pipeline_tag: text-generation",
+            "tags:", "- nbalign", "- merge", f"- {spec.method}", "---", ""]
+    rows = [f"| {i + 1} | `{s}` | {w:g} | {sp.get('method', '')} | {_measured(Path(s))} |"
+            for i, (s, w, sp) in enumerate(zip(spec.sources, summary["weights"], specs))]
+    settings = {k: v for k, v in summary.items() if k not in ("weights", "merge", "time_s")}
+    lines = meta + [
         f"# {out.name}", "",
         f"Made with nbalign `%%merge` ({spec.method}) from {len(spec.runs)} runs, without training.", "",
-        "| # | run | weight |", "|---|---|---|", *rows, "",
+        "## Intended use", "",
+        spec.intended_use or "_Not stated. Say what this model is for (and what it is not for) with `intended_use: "
+                             "...` in the `%%merge` cell._", "",
+        "## Sources", "",
+        "| # | run | weight | method | its own evaluation (after training) |", "|---|---|---|---|---|", *rows, "",
+        "## Merge", "",
         "| | |", "|---|---|",
         f"| method | {spec.method}{' (peft weighted adapters)' if adapters else ' (mergekit)'} |",
-        f"| base model | {first.base} |",
-        *(f"| {k} | {v} |" for k, v in summary.items() if k not in ("weights", "merge", "time_s")),
-        "", "## Use", "",
+        f"| base model | `{named or first.base}` ({first.base}) |",
+        *(f"| {k} | {v} |" for k, v in settings.items()), "",
+        "## Limitations", "",
+        "- Merging is not training: no data was seen and nothing was measured on the merged model here. Where the "
+        "sources taught conflicting behaviour on the same prompts, one gives way; measure each behaviour on held-out "
+        "prompts (`nbalign.compare`, `run.evaluate`) before using it.",
+        "- Each source's limitations (its card) carry over.", "",
+        "## Time and hardware", "",
+        "| | |", "|---|---|", f"| time | {describe_times(summary.get('time_s', {}))} |",
+        f"| hardware | CPU ({platform.machine()}) |", "",
+        "## Use", "",
         f"In a notebook: `%%sft --model {out}` continues from it; `nbalign.Run('{out}').generate(...)` answers "
-        f"with it. The merged {what} is in `{out / (runfolder.ADAPTER if adapters else runfolder.MODEL)}`.", "",
+        f"with it; `.export(...)` writes merged safetensors or GGUF. The merged {what} is in "
+        f"`{out / (runfolder.ADAPTER if adapters else runfolder.MODEL)}`.", "",
     ]
     return "\n".join(lines)
+
+
+def _measured(folder: Path) -> str:
+    """A source run's headline evaluation numbers, or '' where it has none."""
+    from ..results import load
+
+    evaluation = load(folder) if runfolder.is_run_folder(folder) else None
+    numbers = evaluation.summary() if evaluation is not None and hasattr(evaluation, "summary") else {}
+    shown = ", ".join(f"{k} {v:.3g}" for k, v in numbers.items() if not k.endswith(("_before", "_prompting")))
+    return shown or "not evaluated"
