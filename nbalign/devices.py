@@ -85,13 +85,15 @@ def quiet():
     # bitsandbytes' CPU backend logs that an optional kernels package is missing; it works without it.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     bars_on = datasets.is_progress_bar_enabled()
+    hf_bars_on = transformers.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
-    finally:
-        transformers.utils.logging.enable_progress_bar()
+    finally:  # as they were: a user who turned the bars off keeps them off
+        if hf_bars_on:
+            transformers.utils.logging.enable_progress_bar()
         if bars_on:
             datasets.enable_progress_bars()
