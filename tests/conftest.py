@@ -51,6 +51,8 @@ LONGEST = {
     "test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each": 290,
     "test_each_type_moves_the_builtin_model_toward_the_data": 60,
     "test_the_builtin_model_tuned_exports_to_gguf_and_gives_the_runs_greedy_answers": 60,
+    "test_merge_and_export_notebook_merges_compares_chats_and_exports": 200,
+    "test_peft_family_notebook_trains_each_type_and_plots_cost_and_result": 180,
 }
 
 
