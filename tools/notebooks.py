@@ -57,10 +57,14 @@ def set_header(nb, name: str, repository: str = REPOSITORY) -> None:
         lines.pop(0)
     title.source = "\n".join([colab_link(name, repository), "", *lines])
     install = [i for i, c in enumerate(nb.cells) if INSTALL_TAG in c.get("metadata", {}).get("tags", [])]
+    kept = [nb.cells[i] for i in install if nb.cells[i].source == install_source(repository)]
     for i in reversed(install):
         del nb.cells[i]
-    cell = nbformat.v4.new_code_cell(install_source(repository), metadata={"tags": [INSTALL_TAG]})
-    cell["id"] = INSTALL_TAG  # a fixed id: writing the header twice changes nothing
+    if kept:  # the same cell, with the outputs of the notebook's last run
+        cell = kept[0]
+    else:
+        cell = nbformat.v4.new_code_cell(install_source(repository), metadata={"tags": [INSTALL_TAG]})
+        cell["id"] = INSTALL_TAG  # a fixed id: writing the header twice changes nothing
     nb.cells.insert(1, cell)
 
 
