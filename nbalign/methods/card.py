@@ -27,9 +27,8 @@ def model_card(method: str, plan, summary: dict, auto: str, notebook: str) -> st
     full = plan.adapter.type == "full"
     base = HUB_NAMES.get(str(spec.model).lower(), str(spec.model))
     tags = ["nbalign", "trl", method, plan.adapter.type]
-    meta = ["---", f"base_model: {json.dumps(base)}", f"library_name: {'transformers' if full else 'peft'}",
-            f"pipeline_tag: {'text-classification' if auto.endswith('SequenceClassification') else 'text-generation'}",
-            "tags:", *(f"- {t}" for t in tags), "---", ""]
+    meta = metadata_block(base, "transformers" if full else "peft",
+                          "text-classification" if auto.endswith("SequenceClassification") else "text-generation", tags)
     intended = getattr(spec, "intended_use", None)
     config = plan.config.to_dict()
     lines = meta + [
@@ -63,6 +62,12 @@ def model_card(method: str, plan, summary: dict, auto: str, notebook: str) -> st
         *_usage(plan, auto, notebook, full),
     ]
     return "\n".join(lines)
+
+
+def metadata_block(base: str, library: str, pipeline: str, tags: list[str], relation: str | None = None) -> list[str]:
+    """The Hugging Face model-card metadata block (YAML between --- lines) that opens a card."""
+    return ["---", f"base_model: {json.dumps(base)}", *([f"base_model_relation: {relation}"] if relation else []),
+            f"library_name: {library}", f"pipeline_tag: {pipeline}", "tags:", *(f"- {t}" for t in tags), "---", ""]
 
 
 def _data_section(out, data: Any, n: int) -> list[str]:

@@ -248,19 +248,17 @@ def _merge_models(out: Path, spec: MergeSpec, sources) -> dict:
 def _card(out: Path, spec: MergeSpec, first, adapters: bool, summary: dict) -> str:
     """The merged run's model card: the Hugging Face metadata block (base model, `base_model_relation: merge`),
     what it is for, its sources with their weights and their own evaluations, how, limitations, use."""
-    import json
     import platform
 
     from ..clock import describe_times
-    from .card import HUB_NAMES
+    from .card import HUB_NAMES, metadata_block
 
     specs = [runfolder.read_spec(Path(s)) if runfolder.is_run_folder(Path(s)) else {} for s in spec.sources]
     named = next((sp.get("spec", {}).get("model") for sp in specs if sp.get("spec", {}).get("model")), None)
     base = HUB_NAMES.get(str(named).lower(), str(named or first.base))
     what = "adapter" if adapters else "model"
-    meta = ["---", f"base_model: {json.dumps(base)}", "base_model_relation: merge",
-            f"library_name: {'peft' if adapters else 'transformers'}", "pipeline_tag: text-generation",
-            "tags:", "- nbalign", "- merge", f"- {spec.method}", "---", ""]
+    meta = metadata_block(base, "peft" if adapters else "transformers", "text-generation",
+                          ["nbalign", "merge", spec.method], relation="merge")
     rows = [f"| {i + 1} | `{s}` | {w:g} | {sp.get('method', '')} | {_measured(Path(s))} |"
             for i, (s, w, sp) in enumerate(zip(spec.sources, summary["weights"], specs))]
     settings = {k: v for k, v in summary.items() if k not in ("weights", "merge", "time_s")}
@@ -294,7 +292,7 @@ def _card(out: Path, spec: MergeSpec, first, adapters: bool, summary: dict) -> s
 
 
 def _measured(folder: Path) -> str:
-    """A source run's headline evaluation numbers, or '' where it has none."""
+    """A source run's headline evaluation numbers, or "not evaluated" where it has none."""
     from ..results import load
 
     evaluation = load(folder) if runfolder.is_run_folder(folder) else None
