@@ -14,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The untrained models' measurements are reused within one test session (the workers inherit this), never from
 # an earlier one: a suite on a fresh machine and a suite here do the same work.
 os.environ.setdefault("NBALIGN_EVAL_CACHE", tempfile.mkdtemp(prefix="nbalign-eval-cache-"))
+# Runs that several tests read (the `shares` marker, helpers.shared_run): trained once per session by whichever
+# worker asks first.
+os.environ.setdefault("NBALIGN_TEST_SHARED_RUNS", tempfile.mkdtemp(prefix="nbalign-shared-runs-"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,9 +51,9 @@ LONGEST = {
     "test_reward_model_learns_the_terse_style_on_the_builtin_model": 72,
     "test_the_estimate_is_within_a_quarter_of_the_measured_peak": 50,
     "test_two_cpu_processes_under_accelerate_reach_the_single_process_loss": 50,
-    "test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each": 290,
+    "test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each": 240,  # + json-sft if first
     "test_each_type_moves_the_builtin_model_toward_the_data": 60,
-    "test_the_builtin_model_tuned_exports_to_gguf_and_gives_the_runs_greedy_answers": 60,
+    "test_the_builtin_model_tuned_exports_to_gguf_and_gives_the_runs_greedy_answers": 45,
     "test_merge_and_export_notebook_merges_compares_chats_and_exports": 200,
     "test_peft_family_notebook_trains_each_type_and_plots_cost_and_result": 180,
 }
@@ -71,10 +74,10 @@ def scheduled(items: list, workers: int) -> list:
     if workers < 2 or len(items) < 2 * workers:
         return slow + fast
     parts, work = [[] for _ in range(workers)], [0.0] * workers
-    for item in slow:
+    for unit in sorted(units(slow), key=lambda u: sum(map(expected_seconds, u)), reverse=True):
         k = work.index(min(work))
-        parts[k].append(item)
-        work[k] += expected_seconds(item)
+        parts[k].extend(unit)
+        work[k] += sum(map(expected_seconds, unit))
     # xdist splits by count: part k holds the k-th len(items) // workers items (the last part the rest).
     sizes = [len(items) // workers] * (workers - 1) + [len(items) - (len(items) // workers) * (workers - 1)]
     rest = iter(fast)
@@ -83,6 +86,16 @@ def scheduled(items: list, workers: int) -> list:
             part.append(next(rest))
     ordered = [item for part in parts for item in part]
     return ordered if len(ordered) == len(items) else slow + fast  # a part over its size: no plan
+
+
+def units(slow: list) -> list[list]:
+    """The slow tests in units that go to one worker together: those marked `shares(name)` read one run trained
+    once per session (helpers.shared_run), and on one worker the second waits for nothing."""
+    groups: dict = {}
+    for item in slow:
+        mark = item.get_closest_marker("shares")
+        groups.setdefault(mark.args[0] if mark else id(item), []).append(item)
+    return list(groups.values())
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +140,30 @@ def tiny_model(tmp_path_factory, smollm2_dir) -> str:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def json_sft_run(smollm2_dir):
+    """The built-in model taught the one-line JSON answers with the defaults (LoRA r=16 on all linear layers, 3
+    epochs, all 51 training rows), evaluated on the 16 held-out questions: what `%sft --data train --eval-data
+    heldout` gives. Trained once per session and read by test_behaviour (what the defaults reach), test_merge (one
+    side of the two-behaviour merge) and test_export (back to GGUF); no test may change it."""
+    from helpers import shared_run
+
+    def train(out: str):
+        import nbalign
+        from nbalign import session
+        from nbalign.examples import json_answers
+
+        nbalign.lora(r=16, alpha=32, target_modules="all-linear")
+        try:
+            # All 51 rows: half of them (26 rows, 12 steps) left 0 of 16 held-out answers in the format (measured).
+            return nbalign.sft(json_answers("train"), eval_data=json_answers("heldout"), out=out, epochs=3,
+                               eval_points=0)
+        finally:
+            session.reset()
+
+    return shared_run("json-sft", train)
 
 
 @pytest.fixture

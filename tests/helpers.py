@@ -21,6 +21,28 @@ def chats(n: int = 16) -> list[dict]:
     ]
 
 
+def shared_run(name: str, train):
+    """The run `name`, trained by `train(out)` once per test session and shared by the tests that need the same
+    training, on any worker: the first to ask trains it under a file lock while the others wait, and a run that did
+    not finish (a failed or interrupted first try) is trained again. The folder lives in NBALIGN_TEST_SHARED_RUNS
+    (conftest.py), which the workers inherit."""
+    import shutil
+
+    from filelock import FileLock
+
+    from nbalign import Run
+    from nbalign.runfolder import read_status
+
+    root = Path(os.environ["NBALIGN_TEST_SHARED_RUNS"])
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if read_status(out).get("status") != "finished":
+            shutil.rmtree(out, ignore_errors=True)
+            train(str(out))
+    return Run(out)
+
+
 def live_models() -> int:
     """How many transformers models are still alive in this process."""
     from transformers import PreTrainedModel

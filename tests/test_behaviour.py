@@ -17,13 +17,11 @@ def rss_mib() -> float:
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
 
 
-def test_sft_teaches_the_builtin_model_a_one_line_json_format(in_tmp):
-    train, heldout = json_answers("train"), json_answers("heldout")
-    nbalign.lora(r=16, alpha=32, target_modules="all-linear")
-    # All 51 rows: half of them (26 rows, 12 steps) left 0 of 16 held-out answers in the format (measured).
-    # The run's own evaluation answers the held-out prompts before and after (greedy, 64 new tokens).
-    run = nbalign.sft(train, eval_data=heldout, out="runs/json", epochs=3, eval_points=0)  # defaults otherwise
-    evaluation = run.evaluation
+@pytest.mark.shares("json-sft")
+def test_sft_teaches_the_builtin_model_a_one_line_json_format(json_sft_run):
+    """The defaults on the JSON task (conftest.json_sft_run: all 51 rows, LoRA r=16, 3 epochs). The run's own
+    evaluation answers the held-out prompts before and after (greedy, 64 new tokens)."""
+    evaluation = json_sft_run.evaluation
     before, after = evaluation.before["answers"], evaluation.after["answers"]
     ok_before, ok_after = sum(map(is_json_answer, before)), sum(map(is_json_answer, after))
     print(evaluation)

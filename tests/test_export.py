@@ -93,13 +93,13 @@ def test_unfinished_runs_and_unknown_formats_are_refused(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_builtin_model_tuned_exports_to_gguf_and_gives_the_runs_greedy_answers(in_tmp):
-    """The built-in model came from a GGUF file: a run on it goes back to GGUF and answers the same."""
+@pytest.mark.shares("json-sft")
+def test_the_builtin_model_tuned_exports_to_gguf_and_gives_the_runs_greedy_answers(in_tmp, json_sft_run):
+    """The built-in model came from a GGUF file: a run on it (the JSON defaults run, trained once for three
+    tests) goes back to GGUF and answers the same."""
     from nbalign.examples import json_answers
 
-    nbalign.lora(r=8)
-    run = nbalign.sft(json_answers("train")[:16], out="runs/json", epochs=1, batch_size=8, eval_points=1,
-                      probe=False, fewshot=0, watch=False)
+    run = json_sft_run
     path = run.export("exports/json.gguf")
     back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -117,7 +117,8 @@ def test_whole_models_merge_through_mergekit(two_runs, method):
 
 
 @pytest.mark.slow
-def test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each(in_tmp):
+@pytest.mark.shares("json-sft")
+def test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each(in_tmp, json_sft_run):
     """On the built-in model: one run learns the one-line JSON answers, another to refuse harmful requests; a
     weighted `cat` merge keeps at least half of each behaviour's held-out gain over the base.
 
@@ -130,8 +131,7 @@ def test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each(in_t
     from nbalign.outcomes import is_refusal
 
     fast = {"probe": False, "fewshot": 0, "watch": False, "eval_split": 0}  # every row trains
-    nbalign.lora(r=16)
-    json_run = nbalign.sft(json_answers("train"), out="runs/json", **fast)
+    json_run = json_sft_run  # the defaults (LoRA r=16, 3 epochs) on all 51 rows, trained once for three tests
     safe_run = nbalign.sft(refusals("train"), out="runs/refuse", epochs=6, **fast)  # 3 epochs: 1/6 refused
     questions = [r["messages"][0]["content"] for r in json_answers("heldout")]
     harmful = [r["messages"][0]["content"] for r in refusals("heldout")][0::2]
@@ -152,7 +152,7 @@ def test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each(in_t
     # of the refusal run is found the way a user finds it: the first of a short sweep that keeps half of each.
     measured = {}
     for weight in (0.4, 0.5, 0.6):
-        merged = nbalign.merge(["runs/json", "runs/refuse"], weights=[1.0, weight], out=f"runs/both-{weight}")
+        merged = nbalign.merge([str(json_run.path), "runs/refuse"], weights=[1.0, weight], out=f"runs/both-{weight}")
         measured[weight] = rates(str(merged.path))
         if keeps_half(measured[weight]):
             break
