@@ -231,8 +231,13 @@ class AlignmentWatch(TrainerCallback):
         return separate(ref) if ref is not None else None
 
     def measure(self, model, state) -> dict:
+        from .devices import release_heap
         from .evaluation import measure, separate
 
+        # What the training steps freed goes back to the system first: glibc keeps it in the heap, and the
+        # evaluation's large log-prob chunks (fresh mappings) would land on top of it (SFT, one row per step:
+        # 2,225 MiB peak resident without this, 1,910 with it; the training step's own peak is 1,895).
+        release_heap()
         model = getattr(model, "module", model)  # unwrap DDP
         reference = self.reference(model)
         start = state.global_step == 0  # before the first step the policy is the reference: cache its numbers

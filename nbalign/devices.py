@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -73,6 +74,29 @@ def free_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+    release_heap()
+
+
+def release_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). CPU tensors of up
+    to 32 MiB come from the heap, and glibc keeps what they free: without this, a kernel's resident memory stays at
+    a training step's peak after the step, and the next large allocation is added on top of it."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return None
 
 
 @contextlib.contextmanager

@@ -10,7 +10,10 @@ method, the batch and the longest sequence the data holds:
   every linear layer and norm, queries, keys and values, the attention output, the MLP's four intermediate
   vectors, and each adapted layer's dropped-out input), in the compute format (bf16 under autocast), plus the
   head's log-probs on the tokens the loss reads;
-- generation (online RL): the KV cache of every completion generated for one step.
+- generation (online RL): the KV cache of every completion generated for one step;
+- evaluation (the watch of SFT, DPO and KTO, between steps, when a step's activations are gone): its scoring's
+  log-probabilities (at most SCORING_TENSORS tensors of scoring.ROW_BYTES) and the KV cache of one batch of
+  answers; only what it needs beyond a training step's activations and head is added.
 
 On the CPU the figure is what the run adds to the process (its resident set before loading the model is not
 counted: Python and the libraries); it is checked against the measured peak in tests/test_memory.py. On CUDA it
@@ -105,10 +108,20 @@ def trainable(skel, adapter) -> int:
                for m in linear_layers(skel, adapter))
 
 
+# The evaluation's working set: answers are generated 16 prompts at a time (evaluation.measure), and its scoring
+# reads up to 8 sequences at a time in chunks of at most scoring.ROW_BYTES of fp32 log-probs, holding a forward's
+# logits, the policy's and the reference's log-probs (scoring.answer_kl) and temporaries: 5 chunks' worth, measured
+# (SmolLM2-135M with LoRA, one row per step: 619 MiB above weights and optimizer for SFT's watch, 927 for DPO's).
+EVAL_BATCH, SCORING_ROWS, SCORING_TENSORS = 16, 8, 5
+
+
 def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens: int | None = None,
-             reference_copy: bool = False, generated: int = 0, checkpointing: bool = False) -> Estimate:
+             reference_copy: bool = False, generated: int = 0, checkpointing: bool = False,
+             evaluated: int = 0) -> Estimate:
     """The peak memory of training `sequences` sequences of `length` tokens at once (the largest batch);
-    `checkpointing`: activation checkpointing keeps each layer's input and recomputes one layer at a time."""
+    `checkpointing`: activation checkpointing keeps each layer's input and recomputes one layer at a time;
+    `evaluated`: the watch answers prompts of up to `length` tokens with this many new tokens each (0: no watch)."""
+    from .scoring import ROW_BYTES
     arch = architecture(skel)
     params = arch["params"]
     weight_bytes = 2 if device.bf16 else 4
@@ -131,6 +144,7 @@ def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens:
     per_token = (arch["hidden"] * arch["layers"] + per_layer if checkpointing else per_layer * arch["layers"]) \
         * compute_bytes
     loss_tokens = tokens if loss_tokens is None else loss_tokens
+    kv_bytes = arch["layers"] * 2 * arch["kv_width"] * (2 if device.bf16 else 4)  # a token's keys and values
     parts = {
         "weights": weights,
         "reference": weights if reference_copy else 0,
@@ -139,8 +153,12 @@ def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens:
         "activations": tokens * per_token,
         # The head runs in tiles over the tokens the loss reads: one tile of logits, and each token's log-prob.
         "head": min(loss_tokens, 1024) * arch["vocab"] * 4 * 2 if loss_tokens else 0,
-        "generation": generated * arch["layers"] * 2 * arch["kv_width"] * (2 if device.bf16 else 4),
+        "generation": generated * kv_bytes,
     }
+    if evaluated:
+        chunk = min(ROW_BYTES, SCORING_ROWS * (length + evaluated) * arch["vocab"] * 4)
+        needs = SCORING_TENSORS * chunk + EVAL_BATCH * (length + evaluated) * kv_bytes
+        parts["evaluation"] = max(0, needs - parts["activations"] - parts["head"] - parts["generation"])
     if device.type == "cpu" and device.amp and adapter.type == "full":
         parts["weights"] += params * 2  # autocast's bf16 copies of trainable weights, kept for the step
     return Estimate({k: int(v) for k, v in parts.items() if v}, available(device), str(device))

@@ -27,28 +27,68 @@ def encode_tails(tokenizer, heads: list[str], tails: list[str]):
     return pad_right(seqs, pad_id(tokenizer), masks)
 
 
-def forward_logprobs(model, ids, attention):
-    """Log-softmax of the next-token logits at every position but the last, in fp32."""
+# fp32 log-probabilities held at once, per tensor: 128 MiB (about 680 positions of a 49,152-token vocabulary). The
+# scoring below holds a few such tensors at a time (memory.py prices five), whatever the batch and answer lengths.
+ROW_BYTES = 1 << 27
+
+
+def forward_logprobs(model, ids, attention, start: int = 0):
+    """Log-softmax, in fp32, of the next-token logits at positions start .. L-2 (the distributions of tokens
+    start+1 .. L-1). Only those positions go through the LM head (`logits_to_keep`), so a prompt's positions cost
+    no head and no `[positions, vocab]` tensor."""
     import torch
 
+    keep = ids.shape[1] - start
     with torch.no_grad():
-        logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits
-    # Prompt tuning puts its virtual tokens' positions first: the text's positions are the last ones.
-    return torch.log_softmax(logits[:, -ids.shape[1]:-1].float(), dim=-1)
+        inputs = {"input_ids": ids.to(model.device), "attention_mask": attention.to(model.device)}
+        try:
+            logits = model(**inputs, logits_to_keep=keep).logits
+        except TypeError:  # a model whose forward has no logits_to_keep: every position, sliced below
+            logits = model(**inputs).logits
+        # Prompt tuning puts its virtual tokens' positions first: the text's positions are the last ones.
+        logits = logits[:, -keep:-1]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def scored_chunks(model, tokenizer, heads: list[str], tails: list[str], batch_size: int = 8):
+    """(ids, attention, start, labels, tail mask) for the rows of head + tail, in order, in batches of at most
+    `batch_size` rows whose log-probs over the tail positions fit in ROW_BYTES. `start`: the first position whose
+    distribution is read (the earliest tail in the batch, less one); labels and mask are from there on."""
+    vocab = _vocab(model)
+    for idx in batches(list(range(len(heads))), batch_size):
+        ids, attention, target = encode_tails(tokenizer, [heads[i] for i in idx], [tails[i] for i in idx])
+        start = max(0, int(target.float().argmax(1).min()) - 1) if target.any() else 0
+        rows = max(1, ROW_BYTES // (4 * vocab * max(1, ids.shape[1] - start - 1))) if vocab else len(idx)
+        for r in range(0, len(idx), rows):
+            part = slice(r, r + rows)
+            yield ids[part], attention[part], start, ids[part, start + 1:], target[part, start + 1:]
+
+
+def _vocab(model) -> int | None:
+    """The size of the model's vocabulary (its output embeddings' rows), None when it does not say."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def picked_logps(model, ids, attention, start: int, labels, target):
+    """(each tail token's log-probability, zero elsewhere; the tail mask) of one chunk from scored_chunks."""
+    import torch
+
+    logp = forward_logprobs(model, ids, attention, start)
+    mask = target.to(logp.device).float()
+    picked = torch.gather(logp, 2, labels.to(logp.device).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask
 
 
 def sequence_logps(model, tokenizer, heads: list[str], tails: list[str], batch_size: int = 8):
     """Summed log-probability of each tail given its head, and the tail's token count."""
-    import torch
-
     sums, counts = [], []
-    for idx in batches(list(range(len(heads))), batch_size):
-        ids, attention, target = encode_tails(tokenizer, [heads[i] for i in idx], [tails[i] for i in idx])
-        logp = forward_logprobs(model, ids, attention)
-        labels = ids[:, 1:].to(logp.device)
-        mask = target[:, 1:].to(logp.device).float()
-        picked = torch.gather(logp, 2, labels.unsqueeze(-1)).squeeze(-1)
-        sums.extend((picked * mask).sum(-1).tolist())
+    for chunk in scored_chunks(model, tokenizer, heads, tails, batch_size):
+        picked, mask = picked_logps(model, *chunk)
+        sums.extend(picked.sum(-1).tolist())
         counts.extend(mask.sum(-1).tolist())
     return sums, counts
 
@@ -57,31 +97,27 @@ def answer_kl(policy, reference, tokenizer, heads: list[str], tails: list[str], 
     """KL(policy || reference) summed over each answer's tokens, exact over the vocabulary at each step.
     `reference` is a context manager yielding the reference model."""
     kls = []
-    for idx in batches(list(range(len(heads))), batch_size):
-        ids, attention, target = encode_tails(tokenizer, [heads[i] for i in idx], [tails[i] for i in idx])
-        p = forward_logprobs(policy, ids, attention)
+    for ids, attention, start, _, target in scored_chunks(policy, tokenizer, heads, tails, batch_size):
+        p = forward_logprobs(policy, ids, attention, start)
         with reference() as ref:
-            q = forward_logprobs(ref, ids, attention)
-        per_token = (p.exp() * (p - q)).sum(-1)
-        mask = target[:, 1:].to(per_token.device).float()
+            q = forward_logprobs(ref, ids, attention, start)
+        # sum_v p_v (log p_v - log q_v), in place: two [rows, positions, vocab] tensors at most.
+        q.sub_(p)  # log q - log p
+        per_token = p.exp_().mul_(q).sum(-1).neg_()
+        del p, q
+        mask = target.to(per_token.device).float()
         kls.extend((per_token * mask).sum(-1).clamp_min(0).tolist())
     return kls
 
 
 def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8) -> float:
     """exp(mean negative log-likelihood per token) of `texts`, each read from its first token (after BOS)."""
-    import torch
-
     total, count = 0.0, 0
     bos = tokenizer.bos_token or ""
-    for chunk in batches(texts, batch_size):
-        ids, attention, target = encode_tails(tokenizer, [bos] * len(chunk), chunk)
-        logp = forward_logprobs(model, ids, attention)
-        labels = ids[:, 1:].to(logp.device)
-        # Without a BOS the first text token has no context; the shift by one already leaves it out.
-        mask = target[:, 1:].to(logp.device).float()
-        picked = torch.gather(logp, 2, labels.unsqueeze(-1)).squeeze(-1)
-        total -= float((picked * mask).sum())
+    # Without a BOS the first text token has no context; the shift by one already leaves it out.
+    for chunk in scored_chunks(model, tokenizer, [bos] * len(texts), texts, batch_size):
+        picked, mask = picked_logps(model, *chunk)
+        total -= float(picked.sum())
         count += int(mask.sum())
     return math.exp(total / max(count, 1))
 

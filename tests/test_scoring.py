@@ -126,6 +126,34 @@ def test_sequence_logps_matches_a_manual_log_softmax_and_batching_does_not_chang
         assert got == close(alone)  # padded in a batch of three vs alone
 
 
+def test_only_the_answer_positions_reach_the_head_in_chunks_that_fit(tokenizer, tiny, monkeypatch):
+    """The LM head scores the answers' positions, not the prompts' (the earliest answer in a batch sets where it
+    starts), and a batch whose fp32 log-probs would pass ROW_BYTES is read a few rows at a time: the numbers are
+    those of one pass over the whole batch."""
+    from nbalign import scoring
+
+    heads = ["User: say hi, please, in a friendly way.\nAssistant:", "User: name a colour.\nAssistant:"]
+    tails = [" Hi there, friend.", " Blue, like the sky on a clear day."]
+    whole, _ = sequence_logps(tiny, tokenizer, heads, tails)
+    seen = []
+    hook = tiny.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        sequence_logps(tiny, tokenizer, heads, tails)
+        length = max(len(ids(tokenizer, h + t)) for h, t in zip(heads, tails))
+        first_answer = min(len(ids(tokenizer, h)) for h in heads)
+        assert seen == [(2, length - first_answer + 1, tiny.config.hidden_size)]  # from the position before it
+        seen.clear()
+        monkeypatch.setattr(scoring, "ROW_BYTES", 4 * len(tokenizer))  # one position's log-probs: a row at a time
+        chunked, _ = sequence_logps(tiny, tokenizer, heads, tails)
+        ppl = [perplexity(tiny, tokenizer, tails)]
+    finally:
+        hook.remove()
+    assert [shape[0] for shape in seen] == [1, 1, 1, 1]  # two rows scored, then two texts read, one at a time
+    assert chunked == [close(w) for w in whole]
+    monkeypatch.undo()
+    assert ppl == [close(perplexity(tiny, tokenizer, tails))]
+
+
 # ----------------------------------------------------------------------------------------------------
 # KL between two models along answers
 

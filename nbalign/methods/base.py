@@ -176,7 +176,8 @@ def memory_needed(method: Method, spec: TrainSpec, skel, device, tokenizer, prep
     def needed(rows: int, checkpointing: bool):
         smaller = copy.copy(spec)  # the spec's checks already ran; only the rows per step differ
         smaller.batch_size = rows
-        return memory.estimate(skel, spec.lora, device, checkpointing=checkpointing,
+        evaluated = spec.eval_max_new_tokens if getattr(spec, "watch", False) else 0  # SFT, DPO, KTO's watch
+        return memory.estimate(skel, spec.lora, device, checkpointing=checkpointing, evaluated=evaluated,
                                **method.memory_shape(smaller, tokenizer, prepared))
 
     split = None if extra.get("gradient_accumulation_steps") else method.min_micro_batch
