@@ -41,13 +41,21 @@ def forward_logprobs(model, ids, attention, start: int = 0):
     keep = ids.shape[1] - start
     with torch.no_grad():
         inputs = {"input_ids": ids.to(model.device), "attention_mask": attention.to(model.device)}
-        try:
-            logits = model(**inputs, logits_to_keep=keep).logits
-        except TypeError:  # a model whose forward has no logits_to_keep: every position, sliced below
-            logits = model(**inputs).logits
+        if _keeps_logits(model):
+            inputs["logits_to_keep"] = keep
+        logits = model(**inputs).logits  # otherwise every position, sliced below
         # Prompt tuning puts its virtual tokens' positions first: the text's positions are the last ones.
         logits = logits[:, -keep:-1]
         return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs; behind a peft wrapper, the
+    wrapped model's forward, which gets the wrapper's keyword arguments)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def scored_chunks(model, tokenizer, heads: list[str], tails: list[str], batch_size: int = 8):
