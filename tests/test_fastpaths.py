@@ -129,3 +129,66 @@ def test_the_adapter_gets_word_dropouts_with_the_specs_p():
     peft_model = apply_adapter(model, AdapterSpec(r=4, dropout=0.1), seed=0)
     drops = [d for m in peft_model.modules() for d in getattr(m, "lora_dropout", {}).values()]
     assert len(drops) == 14 and all(type(d) is fastpaths.WordDropout and d.p == 0.1 for d in drops)
+
+
+def test_a_frozen_heads_cast_is_made_once_and_again_when_the_weight_changes():
+    h, w, b, t = _inputs(n=16, hidden=32, vocab=200)
+    frozen = w.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = CPU.apply(h, frozen, None, t, 1.0, 128)[0]
+        kept = frozen._nbalign_cast[1]
+        again = CPU.apply(h, frozen, None, t, 1.0, 128)[0]
+        assert frozen._nbalign_cast[1] is kept and torch.equal(first, again)  # reused, the same numbers
+        frozen.mul_(2.0)  # an in-place change (the version counter moves): cast again
+        changed = CPU.apply(h, frozen, None, t, 1.0, 128)[0]
+    assert frozen._nbalign_cast[1] is not kept and not torch.equal(changed, first)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = CPU.apply(h, frozen.clone(), None, t, 1.0, 128)[0]  # no cast kept on the copy yet
+    assert torch.equal(changed, fresh)
+    trained = w.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        CPU.apply(h, trained, None, t, 1.0, 128)
+    assert not hasattr(trained, "_nbalign_cast")  # a trained weight changes every step: never kept
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lora_layers_without_the_input_cast_give_the_same_outputs_and_gradients(autocast):
+    """peft casts a LoRA layer's input to the adapter's dtype; on an fp32 model that cast only ever turns bf16
+    activations (under autocast) into fp32 ones the dropout and matmul turn back: dropping it changes nothing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nbalign.adapters import AdapterSpec
+    from nbalign.models import apply_adapter
+
+    def run(cast: bool):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+        peft_model = apply_adapter(model, AdapterSpec(r=4, dropout=0.1), seed=0)
+        layers = [m for m in peft_model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert len(layers) == 14 and not any(m.cast_input_dtype_enabled for m in layers)
+        for m in layers:
+            m.cast_input_dtype_enabled = cast
+        ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)  # the same dropout masks on both sides
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in peft_model.parameters() if p.requires_grad]
+
+    (loss, grads), (cast_loss, cast_grads) = run(False), run(True)
+    assert torch.equal(loss, cast_loss)
+    assert all(torch.equal(a, x) for a, x in zip(grads, cast_grads))
+
+
+def test_models_that_are_not_all_fp32_keep_peft_s_input_cast():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nbalign.adapters import AdapterSpec
+    from nbalign.models import apply_adapter
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).to(torch.bfloat16)
+    peft_model = apply_adapter(model, AdapterSpec(r=4), seed=0)
+    layers = [m for m in peft_model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert layers and all(m.cast_input_dtype_enabled for m in layers)
