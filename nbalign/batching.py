@@ -5,8 +5,9 @@ row with position ids restarting at each example ("padding-free": no padding tok
 same loss and the same gradients: with no attention mask and no cache, transformers (>= 5) reads the example
 boundaries from the position ids and masks attention between examples (sdpa, eager, flex) or passes them to the
 varlen kernels (flash attention); tests/test_batching.py checks the logits agree. What differs is the work:
-padding computes every layer on tokens nobody reads, flattening lets attention span the whole flattened row (the
-masked part included, on the kernels a CPU has). `PadOrFlatten` prices both for each batch from the model's
+padding computes every layer on tokens nobody reads; flattening lets sdpa's CPU kernel span the whole flattened row
+(the masked part included), which is why a CPU training model attends each example on its own instead
+(fastpaths.attend_by_segment, priced by `Costs.per_example`). `PadOrFlatten` prices both for each batch from the model's
 shape and takes the cheaper, so a batch of a few long and many short chats is flattened and a batch of equal
 lengths stays padded.
 
@@ -20,8 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# nbalign's CPU attention for training (fastpaths.attend_by_segment): each example of a flattened row on its own.
+SEGMENTS = "nbalign_segments"
 # Attention implementations that read example boundaries from position ids when there is no attention mask.
-BOUNDARY_AWARE = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"}
+BOUNDARY_AWARE = {"sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", SEGMENTS}
+# Those that attend within each example only, so a flattened row costs no cross-example pairs.
+PER_EXAMPLE = {SEGMENTS, "flash_attention_2", "flash_attention_3"}
 # Forward arguments the flattening wrapper knows how to carry over; a call with any other (position ids, a cache,
 # logits_to_keep, embeddings) runs as it came.
 UNDERSTOOD = {"input_ids", "attention_mask", "labels", "shift_labels", "fused_lm_head", "use_cache", "return_dict",
@@ -34,6 +39,7 @@ class Costs:
 
     per_token: float
     per_pair: float
+    per_example: bool = False  # attention computed within each example of a flattened row (PER_EXAMPLE)
 
     def rows(self, n: int, width: int) -> float:
         """`n` rows of `width` tokens each (a padded batch whatever its padding side)."""
@@ -41,7 +47,8 @@ class Costs:
 
     def flattened(self, lengths: list[int]) -> float:
         total = sum(lengths)
-        return total * (self.per_token + total * self.per_pair)
+        pairs = sum(n * n for n in lengths) if self.per_example else total * total
+        return total * self.per_token + pairs * self.per_pair
 
 
 def layer_costs(config) -> Costs:
@@ -54,7 +61,8 @@ def layer_costs(config) -> Costs:
     kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
     mlp = getattr(cfg, "intermediate_size", None) or 4 * hidden
     per_token = hidden * (heads * head_dim) * 2 + hidden * kv * 2 + 3 * hidden * mlp
-    return Costs(per_token=float(per_token), per_pair=float(2 * heads * head_dim))
+    return Costs(per_token=float(per_token), per_pair=float(2 * heads * head_dim),
+                 per_example=getattr(config, "_attn_implementation", None) in PER_EXAMPLE)
 
 
 def supports_flattening(model) -> bool:

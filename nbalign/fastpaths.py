@@ -16,6 +16,13 @@ this replaces keeps its own head (`install_head` returns False: slower, not wron
 **LoRA dropout.** peft's `nn.Dropout` draws one random number per value of every adapted layer's input
 (`bernoulli_`): 4.3 s of that step. `WordDropout` draws 64 random bits for four values: the same regulariser
 (p kept to 1/32768), 0.7 s.
+
+**Attention across a flattened row.** A flattened batch (nbalign/batching.py) is one row whose position ids restart
+at each example; transformers' sdpa masks attention between the examples, but the CPU's kernel still computes the
+whole row's causal square, masked part included: for eight examples of 60 tokens, 480^2 / 2 query-key pairs where
+the examples hold 8 x 60^2 / 2. `use_segment_attention` gives a CPU training model an attention implementation
+that runs each example as its own causal attention (the same kernel, the same numbers to rounding) and hands
+everything else (padded batches, generation with a cache) to transformers' sdpa unchanged.
 """
 
 from __future__ import annotations
@@ -224,4 +231,54 @@ def fewer_casts(model) -> int:
             module.cast_input_dtype_enabled = False
             changed += 1
     return changed
+
+
+def use_segment_attention(model, device) -> bool:
+    """Switch a CPU training model on transformers' sdpa to `attend_by_segment`; False where it stays as it is
+    (another device or attention implementation). The model is the run's own: it is freed when the run ends."""
+    from .batching import SEGMENTS
+
+    config = getattr(model, "config", None)
+    if device.type != "cpu" or config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SEGMENTS, attend_by_segment)
+    AttentionMaskInterface.register(SEGMENTS, sdpa_mask)  # padded batches get sdpa's masks, as before
+    config._attn_implementation = SEGMENTS
+    return True
+
+
+def attend_by_segment(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention-function interface (query, key, value: [batch, heads, tokens, head dim]; returns
+    [batch, tokens, heads, head dim] and no weights). One flattened row (batch 1, no cache, position ids that
+    restart): each example's causal attention on its own; anything else: sdpa as transformers runs it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    starts = _starts(kwargs.get("position_ids"), query, key)
+    if starts is None or not getattr(module, "is_causal", True) or kwargs.get("sliding_window") \
+            or kwargs.get("softcap") is not None or kwargs.get("is_causal") is False:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    ends = starts[1:] + [query.shape[2]]
+    parts = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True,
+        enable_gqa=gqa) for s, e in zip(starts, ends)]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _starts(position_ids, query, key) -> list[int] | None:
+    """Where the examples of one flattened row start (a position id that does not follow the one before), read
+    once per forward and kept on the position ids; None where this is not one flattened row of several."""
+    if position_ids is None or query.shape[0] != 1 or position_ids.shape != (1, query.shape[2]) \
+            or key.shape[2] != query.shape[2]:
+        return None
+    starts = getattr(position_ids, "_nbalign_starts", None)
+    if starts is None:
+        breaks = (torch.diff(position_ids[0]) != 1).nonzero().flatten().add(1).tolist()
+        starts = [0, *breaks] if breaks else []
+        position_ids._nbalign_starts = starts
+    return starts or None
 

@@ -8,12 +8,20 @@ from nbalign.batching import Costs, PadOrFlatten, layer_costs, supports_flatteni
 
 
 def tiny_llama(impl="sdpa"):
+    """A 2-layer random Llama; impl "segments": sdpa switched to nbalign's per-example CPU attention, as a
+    training run switches it."""
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from nbalign.devices import Device
+    from nbalign.fastpaths import use_segment_attention
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa" if impl == "segments" else impl)
+    if impl == "segments":
+        assert use_segment_attention(model, Device("cpu", False))
+    return model
 
 
 def rows(lengths, seed=0):
@@ -26,7 +34,7 @@ def rows(lengths, seed=0):
     return out
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "segments"])
 def test_flattened_batch_gives_the_padded_batch_loss_and_gradients(impl):
     model = tiny_llama(impl)
     model.train()
@@ -65,6 +73,39 @@ def test_a_batch_is_flattened_where_that_computes_less():
     assert summary["padding_saved"] == pytest.approx(1 - (81 + 4 * 61) / (4 * 60 + 4 * 61), abs=1e-3)
     assert not PadOrFlatten(0, costs, False).flatten([300, 1, 1, 1])
     assert supports_flattening(model)
+
+
+def test_per_example_attention_runs_each_example_alone_and_prices_the_flattened_row_so(monkeypatch):
+    """nbalign's CPU training attention: a flattened row's examples are four causal attentions of their own sizes
+    (not one masked 61 x 61 square); padded batches and cached generation go to sdpa with its mask, as before."""
+    import torch.nn.functional as F
+
+    model = tiny_llama("segments")
+    reference = tiny_llama("sdpa")
+    shapes, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: shapes.append((q.shape[2], kw.get("attn_mask") is None)) or real(q, k, v, **kw))
+    examples = rows([5, 41, 12, 3])
+    flat, padded = (PadOrFlatten(0, layer_costs(model.config), mode)(examples) for mode in (True, False))
+    with torch.no_grad():
+        ours = model(**flat, use_cache=False).logits
+        assert shapes == [(5, True), (41, True), (12, True), (3, True)] * 2  # two layers, no mask
+        shapes.clear()
+        theirs = reference(**flat, use_cache=False).logits
+        assert shapes == [(61, False)] * 2  # sdpa: one masked square
+        shapes.clear()
+        assert torch.allclose(ours, theirs, atol=1e-5)
+        assert torch.allclose(model(**padded).logits, reference(**padded).logits, atol=1e-6)
+        assert shapes == [(41, False)] * 4  # the padded batch: sdpa with its padding mask, on both
+        prompt = torch.tensor([[3, 5, 7, 9]])
+        assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False),
+                           reference.generate(prompt, max_new_tokens=5, do_sample=False))
+    costs = layer_costs(model.config)
+    assert costs.per_example and not layer_costs(reference.config).per_example
+    # Priced per example: nearly equal lengths are now flattened too (they pad a little, and no pairs are added).
+    assert costs.flattened([300, 12, 20, 9]) == 341 * costs.per_token + (300**2 + 12**2 + 20**2 + 9**2) * costs.per_pair
+    assert PadOrFlatten(0, costs).flatten([300, 290, 310, 305])
+    assert not PadOrFlatten(0, layer_costs(reference.config)).flatten([300, 290, 310, 305])
 
 
 def test_sft_spec_padding_free_option():

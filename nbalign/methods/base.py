@@ -284,11 +284,11 @@ def _train(method: Method, plan: Plan, main: bool = True) -> NbalignError | None
     meter = PeakMeter(plan.device)
     try:
         with clock.phase("loading"):
-            from ..fastpaths import install_head
+            from ..fastpaths import install_head, use_segment_attention
 
             install_head()  # on a CPU, TRL's fused LM head scores only the read positions (fastpaths.py)
-            model = method.load_model(plan)
-            state["model"] = model
+            model = state["model"] = method.load_model(plan)
+            use_segment_attention(model, plan.device)  # a flattened row's examples attend each on its own
             extras = method.extra_callbacks(plan) if main else []
             shown = [MetricsWriter(out), *extras, LiveProgress(f"{method.name} {out.name}")] if main else []
             callbacks = [*shown, StopOnInterrupt(guard)]
