@@ -40,6 +40,7 @@ class Costs:
     per_token: float
     per_pair: float
     per_example: bool = False  # attention computed within each example of a flattened row (PER_EXAMPLE)
+    window: int | None = None  # a sliding window: per example only where every example fits in it
 
     def rows(self, n: int, width: int) -> float:
         """`n` rows of `width` tokens each (a padded batch whatever its padding side)."""
@@ -47,7 +48,8 @@ class Costs:
 
     def flattened(self, lengths: list[int]) -> float:
         total = sum(lengths)
-        pairs = sum(n * n for n in lengths) if self.per_example else total * total
+        alone = self.per_example and (not self.window or max(lengths) <= self.window)
+        pairs = sum(n * n for n in lengths) if alone else total * total
         return total * self.per_token + pairs * self.per_pair
 
 
@@ -62,7 +64,8 @@ def layer_costs(config) -> Costs:
     mlp = getattr(cfg, "intermediate_size", None) or 4 * hidden
     per_token = hidden * (heads * head_dim) * 2 + hidden * kv * 2 + 3 * hidden * mlp
     return Costs(per_token=float(per_token), per_pair=float(2 * heads * head_dim),
-                 per_example=getattr(config, "_attn_implementation", None) in PER_EXAMPLE)
+                 per_example=getattr(config, "_attn_implementation", None) in PER_EXAMPLE,
+                 window=getattr(cfg, "sliding_window", None))
 
 
 def supports_flattening(model) -> bool:

@@ -27,12 +27,15 @@ everything else (padded batches, generation with a cache) to transformers' sdpa 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 OPTIONAL = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 ROW_BYTES = 1 << 27  # fp32 logits held at once: 128 MiB (about 680 positions of a 49,152-token vocabulary)
 
 _installed = False
+_KEPT: dict[int, tuple] = {}  # id(weight) -> (weak reference, (storage, version, dtype), cast copy): see _cast
 
 
 def _rows(vocab: int) -> int:
@@ -126,17 +129,22 @@ class CpuLogProbs(torch.autograd.Function):
 
 
 def _cast(weight, dtype):
-    """`weight` in `dtype`. A frozen weight keeps its cast copy on itself, so it dies with the model: casting
+    """`weight` in `dtype`. A frozen weight's cast copy is kept until the run ends (`forget_casts`): casting
     SmolLM2's 49,152 x 576 head took 72 ms, twice a step (forward and backward), about 6% of a short-row SFT step.
     The copy is made again when the weight's storage or version counter changes."""
     if weight.dtype == dtype or weight.requires_grad:
         return weight.to(dtype)
     key = (weight.data_ptr(), weight._version, dtype)
-    kept = getattr(weight, "_nbalign_cast", None)
-    if kept is None or kept[0] != key:
-        kept = (key, weight.to(dtype))
-        weight._nbalign_cast = kept
-    return kept[1]
+    kept = _KEPT.get(id(weight))
+    if kept is None or kept[0]() is not weight or kept[1] != key:
+        kept = _KEPT[id(weight)] = (weakref.ref(weight), key, weight.to(dtype))
+    return kept[2]
+
+
+def forget_casts() -> None:
+    """Drop the kept casts (a run's end: its model is freed, and nothing outside a run may rely on a copy that a
+    later in-place write through `.data`, which no version counter sees, would leave stale)."""
+    _KEPT.clear()
 
 
 def _dot(a, b):
@@ -233,36 +241,46 @@ def fewer_casts(model) -> int:
     return changed
 
 
+# Decoders checked to run every attention through transformers' attention interface with no special case for the
+# name "sdpa" (Falcon branches on that name; Gemma 4's shared key/value layers slice their inputs unless it is
+# sdpa), no mask overlays (multimodal models) and causal self-attention.
+SEGMENT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def use_segment_attention(model, device) -> bool:
     """Switch a CPU training model on transformers' sdpa to `attend_by_segment`; False where it stays as it is
-    (another device or attention implementation). The model is the run's own: it is freed when the run ends."""
+    (another device, attention implementation or model family). The model is the run's own: freed at its end."""
     from .batching import SEGMENTS
 
-    config = getattr(model, "config", None)
-    if device.type != "cpu" or config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if device.type != "cpu" or config is None or getattr(config, "_attn_implementation", None) != "sdpa" \
+            or getattr(config, "model_type", None) not in SEGMENT_MODELS or getattr(config, "sub_configs", None):
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(SEGMENTS, attend_by_segment)
     AttentionMaskInterface.register(SEGMENTS, sdpa_mask)  # padded batches get sdpa's masks, as before
-    config._attn_implementation = SEGMENTS
-    return True
+    base.set_attn_implementation(SEGMENTS)
+    return config._attn_implementation == SEGMENTS
 
 
 def attend_by_segment(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention-function interface (query, key, value: [batch, heads, tokens, head dim]; returns
     [batch, tokens, heads, head dim] and no weights). One flattened row (batch 1, no cache, position ids that
-    restart): each example's causal attention on its own; anything else: sdpa as transformers runs it."""
+    restart, every example within a sliding window if the layer has one): each example's causal attention on its
+    own, exactly the masked square's numbers; anything else, generation included: sdpa as transformers runs it."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    starts = _starts(kwargs.get("position_ids"), query, key)
-    if starts is None or not getattr(module, "is_causal", True) or kwargs.get("sliding_window") \
-            or kwargs.get("softcap") is not None or kwargs.get("is_causal") is False:
+    starts = None if kwargs.get("use_cache") else _starts(kwargs.get("position_ids"), query, key)
+    ends = starts[1:] + [query.shape[2]] if starts else []
+    window = kwargs.get("sliding_window")
+    if starts is None or not getattr(module, "is_causal", True) or kwargs.get("softcap") is not None \
+            or kwargs.get("is_causal") is False or (window and max(e - s for s, e in zip(starts, ends)) > window):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    gqa = getattr(module, "num_key_value_groups", 1) > 1
-    ends = starts[1:] + [query.shape[2]]
+    gqa = key.shape[1] != query.shape[1]
     parts = [torch.nn.functional.scaled_dot_product_attention(
         query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True,
         enable_gqa=gqa) for s, e in zip(starts, ends)]

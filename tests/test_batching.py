@@ -4,7 +4,9 @@ compute less, and used by %%sft on a real run."""
 import pytest
 import torch
 
+from nbalign import fastpaths
 from nbalign.batching import Costs, PadOrFlatten, layer_costs, supports_flattening
+from nbalign.devices import Device
 
 
 def tiny_llama(impl="sdpa"):
@@ -12,15 +14,12 @@ def tiny_llama(impl="sdpa"):
     training run switches it."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from nbalign.devices import Device
-    from nbalign.fastpaths import use_segment_attention
-
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa" if impl == "segments" else impl)
     if impl == "segments":
-        assert use_segment_attention(model, Device("cpu", False))
+        assert fastpaths.use_segment_attention(model, Device("cpu", False))
     return model
 
 
@@ -108,6 +107,36 @@ def test_per_example_attention_runs_each_example_alone_and_prices_the_flattened_
     assert not PadOrFlatten(0, layer_costs(reference.config)).flatten([300, 290, 310, 305])
 
 
+def test_per_example_attention_only_on_checked_models_and_within_a_sliding_window():
+    """Model families not checked keep sdpa; a sliding-window layer attends per example only where every example
+    fits in the window (where it does not, sdpa's windowed mask runs), with the masked square's logits either way."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, GPT2Config, MistralConfig
+
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2),
+                                            attn_implementation="sdpa")
+    assert not fastpaths.use_segment_attention(gpt2, Device("cpu", False))
+    assert gpt2.config._attn_implementation == "sdpa"
+    assert not fastpaths.use_segment_attention(tiny_llama(), Device("cuda", True))
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    reference = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    model = copy.deepcopy(reference)
+    assert fastpaths.use_segment_attention(model, Device("cpu", False))
+    for lengths in ([5, 7, 3], [5, 12, 3]):  # all within the window; one longer than it
+        flat = PadOrFlatten(0, layer_costs(model.config), True)(rows(lengths))
+        with torch.no_grad():
+            assert torch.allclose(model(**flat, use_cache=False).logits, reference(**flat, use_cache=False).logits,
+                                  atol=1e-5), lengths
+    costs = layer_costs(model.config)
+    assert costs.per_example and costs.window == 8
+    assert costs.flattened([5, 7]) == 12 * costs.per_token + (25 + 49) * costs.per_pair
+    assert costs.flattened([5, 12]) == 17 * costs.per_token + 17 * 17 * costs.per_pair  # priced as the square
+
+
 def test_sft_spec_padding_free_option():
     from nbalign.errors import NbalignError
     from nbalign.specs import SFTSpec
@@ -155,7 +184,7 @@ def test_a_padded_batch_runs_flattened_with_the_same_outputs(side):
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "kto", "reward_model"])
-def test_training_on_ragged_rows_flattens_and_learns_the_same(method, tiny_model, in_tmp):
+def test_training_on_ragged_rows_flattens_and_learns_the_same(method, tiny_model, in_tmp, monkeypatch):
     """A real run on short and long conversations mixed: batches are flattened, and the losses step by step
     are those of the padded run."""
     import nbalign
@@ -175,7 +204,17 @@ def test_training_on_ragged_rows_flattens_and_learns_the_same(method, tiny_model
         options["watch"] = False
     if method == "sft":
         options["eval_split"] = 0
-    runs = {mode: fn(rows, out=f"runs/{method}-{mode}", padding_free=mode, **options) for mode in ("auto", False)}
+    split, real = {}, fastpaths.attend_by_segment
+    def counting(module, query, key, value, attention_mask, **kwargs):  # noqa: E306
+        if fastpaths._starts(kwargs.get("position_ids"), query, key):
+            split[mode] = split.get(mode, 0) + 1
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(fastpaths, "attend_by_segment", counting)  # what the run registers
+    runs = {}
+    for mode in ("auto", False):
+        runs[mode] = fn(rows, out=f"runs/{method}-{mode}", padding_free=mode, **options)
+    assert split.get("auto", 0) >= 2 and False not in split  # flattened rows attended example by example
     flat, padded = runs["auto"].summary, runs[False].summary
     assert flat["batches_flattened"] >= 1 and flat["padding_saved"] > 0.3
     assert "batches_flattened" not in padded

@@ -134,21 +134,24 @@ def test_the_adapter_gets_word_dropouts_with_the_specs_p():
 def test_a_frozen_heads_cast_is_made_once_and_again_when_the_weight_changes():
     h, w, b, t = _inputs(n=16, hidden=32, vocab=200)
     frozen = w.detach().clone()
+    kept = lambda: fastpaths._KEPT[id(frozen)][2]  # noqa: E731
     with torch.autocast("cpu", dtype=torch.bfloat16):
         first = CPU.apply(h, frozen, None, t, 1.0, 128)[0]
-        kept = frozen._nbalign_cast[1]
+        copy = kept()
         again = CPU.apply(h, frozen, None, t, 1.0, 128)[0]
-        assert frozen._nbalign_cast[1] is kept and torch.equal(first, again)  # reused, the same numbers
+        assert kept() is copy and torch.equal(first, again)  # reused, the same numbers
         frozen.mul_(2.0)  # an in-place change (the version counter moves): cast again
         changed = CPU.apply(h, frozen, None, t, 1.0, 128)[0]
-    assert frozen._nbalign_cast[1] is not kept and not torch.equal(changed, first)
+    assert kept() is not copy and not torch.equal(changed, first)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fresh = CPU.apply(h, frozen.clone(), None, t, 1.0, 128)[0]  # no cast kept on the copy yet
+        fresh = CPU.apply(h, frozen.clone(), None, t, 1.0, 128)[0]  # no cast kept for the copy yet
     assert torch.equal(changed, fresh)
     trained = w.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         CPU.apply(h, trained, None, t, 1.0, 128)
-    assert not hasattr(trained, "_nbalign_cast")  # a trained weight changes every step: never kept
+    assert id(trained) not in fastpaths._KEPT  # a trained weight changes every step: never kept
+    fastpaths.forget_casts()  # what a run's end does
+    assert not fastpaths._KEPT
 
 
 @pytest.mark.parametrize("autocast", [False, True])

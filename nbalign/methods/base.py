@@ -275,6 +275,7 @@ def _train(method: Method, plan: Plan, main: bool = True) -> NbalignError | None
     (`main`) of a distributed run writes to the run folder, measures and shows; the others only train."""
     from ..callbacks import InterruptGuard, LiveProgress, MetricsWriter, StopOnInterrupt
     from ..devices import free_memory
+    from ..fastpaths import forget_casts, install_head, use_segment_attention
 
     out = plan.out
     guard = InterruptGuard()
@@ -284,8 +285,6 @@ def _train(method: Method, plan: Plan, main: bool = True) -> NbalignError | None
     meter = PeakMeter(plan.device)
     try:
         with clock.phase("loading"):
-            from ..fastpaths import install_head, use_segment_attention
-
             install_head()  # on a CPU, TRL's fused LM head scores only the read positions (fastpaths.py)
             model = state["model"] = method.load_model(plan)
             use_segment_attention(model, plan.device)  # a flattened row's examples attend each on its own
@@ -353,6 +352,7 @@ def _train(method: Method, plan: Plan, main: bool = True) -> NbalignError | None
         trainer = state["trainer"]
         if trainer is not None:
             trainer.accelerator.free_memory()
+        forget_casts()
         state.clear()
         model = trainer = None
         try:
