@@ -130,13 +130,14 @@ def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens:
     updated = trainable(skel, adapter)
     tokens = sequences * length
     # Bytes per counted value, measured on SmolLM2-135M (tests/test_memory.py checks them), with nbalign's CPU LM
-    # head and dropout (fastpaths.py): on a CPU with bf16 autocast, 5 (the fp32 value and its bf16 copy for the
-    # matrix multiply; peaks of 2,733 MiB for 4 x 200 tokens of SFT, 2,805 for DPO's 4 x 300, this count gives
-    # 2,844 and 3,295: DPO's batches are flattened, the count prices them padded). In fp32 (no autocast): 7
-    # (3,527 and 3,605 MiB measured, 3,625 and 4,233 estimated); the count leaves out the activation's and the
-    # rotation's temporaries. On CUDA in bf16 (H100): 2.0, the count in bf16 (LoRA 12,050 MiB measured at
-    # 32 x 360 tokens, 11,991 estimated; full fine-tuning 10,232 and 10,154).
-    compute_bytes = 2.0 if device.bf16 else 5 if device.amp else 7
+    # head and dropout and per-example attention on flattened rows (fastpaths.py). On a CPU with bf16 autocast, 4:
+    # peaks of 2,745 MiB for 4 x 200 tokens of SFT and 2,394 for DPO's 4 x 240, this count gives 2,452 and 2,826
+    # (DPO keeps fewer bytes per counted value than SFT: 3.1 against 4.8). In fp32 (no autocast): 5.5 (3,346 and
+    # 3,122 MiB measured, 3,039 and 3,529 estimated). Before attention ran per example on a CPU, sdpa's masked square
+    # of a flattened row added about 450 MiB to DPO's peak (5 and 7 bytes were fitted with it). On CUDA in bf16
+    # (H100): 2.0, the count in bf16 (LoRA 12,050 MiB measured at 32 x 360 tokens, 11,991 estimated; full
+    # fine-tuning 10,232 and 10,154).
+    compute_bytes = 2.0 if device.bf16 else 4 if device.amp else 5.5
     if getattr(adapter, "quantize", None):
         compute_bytes *= 1.25  # 4-bit layers keep their dequantised inputs too: 15,014 MiB vs LoRA's 12,050 (H100)
     adapted = linear_layers(skel, adapter) if adapter.type in ("lora", "dora") else []
