@@ -5,11 +5,11 @@ row with position ids restarting at each example ("padding-free": no padding tok
 same loss and the same gradients: with no attention mask and no cache, transformers (>= 5) reads the example
 boundaries from the position ids and masks attention between examples (sdpa, eager, flex) or passes them to the
 varlen kernels (flash attention); tests/test_batching.py checks the logits agree. What differs is the work:
-padding computes every layer on tokens nobody reads; flattening lets sdpa's CPU kernel span the whole flattened row
-(the masked part included), which is why a CPU training model attends each example on its own instead
-(fastpaths.attend_by_segment, priced by `Costs.per_example`). `PadOrFlatten` prices both for each batch from the model's
-shape and takes the cheaper, so a batch of a few long and many short chats is flattened and a batch of equal
-lengths stays padded.
+padding computes every layer on tokens nobody reads; flattening lets sdpa's CPU kernel span the whole flattened
+row (the masked part included), which is why a CPU training model attends each example on its own instead
+(fastpaths.attend_by_segment, priced by `Costs.per_example`). `PadOrFlatten` prices both for each batch from the
+model's shape and takes the cheaper, so a batch of a few long and many short chats is flattened and, where
+attention spans the row, a batch of equal lengths stays padded.
 
 The preference trainers build their padded batches themselves (TRL 1.16 has padding-free DPO switched off), so
 `flatten_padded_forward` does the same one level down: it wraps the model's forward, flattens a padded batch it

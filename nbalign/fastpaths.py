@@ -299,4 +299,3 @@ def _starts(position_ids, query, key) -> list[int] | None:
         starts = [0, *breaks] if breaks else []
         position_ids._nbalign_starts = starts
     return starts or None
-

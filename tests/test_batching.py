@@ -82,8 +82,12 @@ def test_per_example_attention_runs_each_example_alone_and_prices_the_flattened_
     model = tiny_llama("segments")
     reference = tiny_llama("sdpa")
     shapes, real = [], F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: shapes.append((q.shape[2], kw.get("attn_mask") is None)) or real(q, k, v, **kw))
+
+    def recording(q, k, v, **kw):
+        shapes.append((q.shape[2], kw.get("attn_mask") is None))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     examples = rows([5, 41, 12, 3])
     flat, padded = (PadOrFlatten(0, layer_costs(model.config), mode)(examples) for mode in (True, False))
     with torch.no_grad():
