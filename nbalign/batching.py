@@ -47,10 +47,12 @@ class Costs:
         return n * width * (self.per_token + width * self.per_pair)
 
     def flattened(self, lengths: list[int]) -> float:
-        total = sum(lengths)
-        alone = self.per_example and (not self.window or max(lengths) <= self.window)
-        pairs = sum(n * n for n in lengths) if alone else total * total
-        return total * self.per_token + pairs * self.per_pair
+        return self.summed(sum(lengths), sum(n * n for n in lengths), max(lengths))
+
+    def summed(self, total, squares, longest):
+        """`flattened` from the lengths' sum, sum of squares and maximum (numbers, or numpy arrays of them)."""
+        alone = self.per_example * (longest <= self.window if self.window else 1)  # each example attended alone
+        return total * self.per_token + (alone * squares + (1 - alone) * total * total) * self.per_pair
 
 
 def layer_costs(config) -> Costs:
@@ -211,3 +213,50 @@ def flatten_padded_forward(model, costs: Costs, mode="auto", pooled: bool = Fals
 
     model.forward = flat_forward
     return counter
+
+
+def largest_batch(units: list[tuple[int, ...]], rows: int, batches: int, costs: Costs | None, mode="auto",
+                  seed: int = 42, sampling: str = "random") -> int:
+    """Tokens the largest of a run's first `batches` batches computes (`drawn_batches`): the memory estimate's
+    batch, worked out before anything is loaded."""
+    return max(drawn_batches(units, rows, batches, costs, mode, seed, sampling))
+
+
+def drawn_batches(units: list[tuple[int, ...]], rows: int, batches: int, costs: Costs | None, mode="auto",
+                  seed: int = 42, sampling: str = "random") -> list[int]:
+    """Tokens each of a run's first `batches` batches computes, in the order the trainer draws them.
+
+    `units`: each training example's sequence lengths (one for SFT and KTO, both answers of a pair). The batches are
+    the ones the trainer will draw, `rows` examples at a time (the last batch of an epoch short), in the order of
+    its `sampling` (transformers' train_sampling_strategy): "random", accelerate's seedable sampler, whose order in
+    epoch e is `torch.randperm(len(units))` seeded with seed + e (the run's seed or data_seed); "sequential" (KTO's
+    default), the data's order; length-grouped strategies, the longest examples together. tests/test_memory.py
+    checks the order against runs'. Each batch is padded to its longest sequence or, with `costs` (None: never),
+    flattened where `Flattening` would flatten it."""
+    import numpy as np
+    import torch
+
+    lengths = np.zeros((len(units) + 1, max(len(u) for u in units)), dtype=np.int64)  # the last row: none
+    for i, unit in enumerate(units):
+        lengths[i, :len(unit)] = unit
+    n = len(units)
+    per_epoch = -(-n // rows)
+    out, left = [], batches
+    for epoch in range(min(-(-batches // per_epoch), 1000)):  # beyond 1,000 epochs the largest batch is known
+        if sampling == "random":
+            generator = torch.Generator()
+            generator.manual_seed(seed + epoch)
+            drawn = torch.randperm(n, generator=generator).numpy()
+        else:
+            drawn = np.arange(n) if sampling == "sequential" else np.argsort(-lengths[:n].sum(1), kind="stable")
+        order = np.concatenate([drawn, np.full(per_epoch * rows - n, n)])
+        held = lengths[order].reshape(per_epoch, -1)[:left]
+        left -= len(held)
+        width, count = held.max(1), (held > 0).sum(1)
+        total, squares = held.sum(1), (held * held).sum(1)
+        flat = np.zeros(len(held), dtype=bool)
+        if costs is not None and mode is not False:
+            cheaper = costs.summed(total, squares, width) < costs.rows(count, width)
+            flat = (count > 1) & (cheaper if mode == "auto" else True)
+        out += np.where(flat, total, count * width).tolist()
+    return out

@@ -247,6 +247,13 @@ def fewer_casts(model) -> int:
 SEGMENT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def segments_apply(config, device) -> bool:
+    """Whether a training model of this config on `device` attends each example of a flattened row on its own
+    (`use_segment_attention`); also read by the memory estimate before anything is loaded."""
+    return device.type == "cpu" and config is not None and getattr(config, "_attn_implementation", None) == "sdpa" \
+        and getattr(config, "model_type", None) in SEGMENT_MODELS and not getattr(config, "sub_configs", None)
+
+
 def use_segment_attention(model, device) -> bool:
     """Switch a CPU training model on transformers' sdpa to `attend_by_segment`; False where it stays as it is
     (another device, attention implementation or model family). The model is the run's own: freed at its end."""
@@ -254,8 +261,7 @@ def use_segment_attention(model, device) -> bool:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    if device.type != "cpu" or config is None or getattr(config, "_attn_implementation", None) != "sdpa" \
-            or getattr(config, "model_type", None) not in SEGMENT_MODELS or getattr(config, "sub_configs", None):
+    if not segments_apply(config, device):
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

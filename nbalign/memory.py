@@ -1,7 +1,8 @@
 """How much memory a run will need, worked out before anything is loaded, and whether the device has it.
 
 The estimate is built from the model's architecture (read on the meta device: no weights), the adapter, the
-method, the batch and the longest sequence the data holds:
+method and the largest batch the run will train on: the batches the trainer will draw from the data, each padded
+or flattened as the run will (batching.largest_batch), so ragged rows count their own tokens, not the longest's:
 
 - weights: every parameter in the number format it is loaded in (fp32 on a CPU, bf16 on CUDA; NF4 linear
   layers with 4-bit QLoRA), plus a second copy for a method that keeps a separate reference model;
@@ -113,12 +114,19 @@ def trainable(skel, adapter) -> int:
 # logits, the policy's and the reference's log-probs (scoring.answer_kl) and temporaries: 5 chunks' worth, measured
 # (SmolLM2-135M with LoRA, one row per step: 619 MiB above weights and optimizer for SFT's watch, 927 for DPO's).
 EVAL_BATCH, SCORING_ROWS, SCORING_TENSORS = 16, 8, 5
+# The share of SFT's bytes per counted value that the peak of a preference or reward step holds (their saved
+# activations per token are SFT's; SFT's backward holds more besides). Measured on the benchmark's ragged data
+# (bf16 autocast, SmolLM2-135M, LoRA, every batch as the run drew it): bytes per counted value, SFT 4.5, DPO 3.0,
+# the reward model 2.8, KTO 2.6; with 4-value rows (tests/test_memory.py) SFT 4.8, DPO 3.1.
+PAIRS_KEPT = 0.75
 
 
-def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens: int | None = None,
-             reference_copy: bool = False, generated: int = 0, checkpointing: bool = False,
-             evaluated: int = 0) -> Estimate:
-    """The peak memory of training `sequences` sequences of `length` tokens at once (the largest batch);
+def estimate(skel, adapter, device, *, sequences: int, length: int, tokens: int | None = None,
+             loss_tokens: int | None = None, reference_copy: bool = False, generated: int = 0,
+             checkpointing: bool = False, evaluated: int = 0, kept: float = 1.0) -> Estimate:
+    """The peak memory of training `sequences` sequences of `length` tokens at once (the largest batch; `tokens`:
+    the tokens it computes where that is not sequences x length, a flattened batch of ragged rows; `kept`: the
+    share of SFT's bytes per counted value the method's peak holds, below);
     `checkpointing`: activation checkpointing keeps each layer's input and recomputes one layer at a time;
     `evaluated`: the watch answers prompts of up to `length` tokens with this many new tokens each (0: no watch)."""
     from .scoring import ROW_BYTES
@@ -128,12 +136,15 @@ def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens:
     quantized = sum(m.weight.numel() for m in linear_layers(skel)) if getattr(adapter, "quantize", None) else 0
     weights = (params - quantized) * weight_bytes + quantized * (0.5 + 1 / 64)
     updated = trainable(skel, adapter)
-    tokens = sequences * length
+    tokens = sequences * length if tokens is None else tokens
     # Bytes per counted value, measured on SmolLM2-135M (tests/test_memory.py checks them), with nbalign's CPU LM
     # head and dropout and per-example attention on flattened rows (fastpaths.py). On a CPU with bf16 autocast, 4:
     # peaks of 2,745 MiB for 4 x 200 tokens of SFT and 2,394 for DPO's 4 x 240, this count gives 2,452 and 2,826
-    # (DPO keeps fewer bytes per counted value than SFT: 3.1 against 4.8). In fp32 (no autocast): 5.5 (3,346 and
-    # 3,122 MiB measured, 3,039 and 3,529 estimated). Before attention ran per example on a CPU, sdpa's masked square
+    # (DPO keeps fewer bytes per counted value than SFT: 3.1 against 4.8; PAIRS_KEPT). In fp32 (no autocast): 5.5
+    # (3,346 and 3,122 MiB measured, 3,039 and 3,529 estimated). On the benchmark's ragged rows (bench/data.py,
+    # 32 rows in batches of 8, every batch as drawn), estimate / peak with bf16 autocast: SFT 1.05, DPO 1.02, KTO
+    # 1.15, the reward model 1.00 (0.95 to 3.34 before the batches were worked out: each taken as its rows times the
+    # longest); in fp32 0.85, 0.93, 0.95, 0.91. Before attention ran per example on a CPU, sdpa's masked square
     # of a flattened row added about 450 MiB to DPO's peak (5 and 7 bytes were fitted with it). On CUDA in bf16
     # (H100): 2.0, the count in bf16 (LoRA 12,050 MiB measured at 32 x 360 tokens, 11,991 estimated; full
     # fine-tuning 10,232 and 10,154).
@@ -151,7 +162,7 @@ def estimate(skel, adapter, device, *, sequences: int, length: int, loss_tokens:
         "reference": weights if reference_copy else 0,
         # fp32 gradient and AdamW's two moments (and the weight itself for an adapter's new parameters).
         "gradients and optimizer": updated * (12 if adapter.type == "full" else 16),
-        "activations": tokens * per_token,
+        "activations": tokens * per_token * kept,
         # The head runs in tiles over the tokens the loss reads: one tile of logits, and each token's log-prob.
         "head": min(loss_tokens, 1024) * arch["vocab"] * 4 * 2 if loss_tokens else 0,
         "generation": generated * kv_bytes,
@@ -260,6 +271,52 @@ def fit_batch(needed, batch_size: int, min_rows: int | None, chosen, name: str, 
                 return smaller, rows, checkpointing
     check(need, where, batch_size, max_length, quantized, split=len(sizes) > 1)
     return need, batch_size, bool(chosen)
+
+
+def needed_for(method, spec, skel, device, tokenizer, prepared, extra: dict, steps: int, sampling: str = "random"):
+    """A training run's peak memory, estimated before loading, the rows per step and whether activations are
+    checkpointed: `fit_batch` over the method's largest batch (`method.memory_shape`; accumulation does not add to
+    it), its tokens as the run will pad or flatten them (batching.largest_batch) over its `steps` steps, drawn in
+    the order of `sampling` (the config's train_sampling_strategy)."""
+    import copy
+
+    from .batching import largest_batch
+
+    costs = flattening_costs(skel, device, spec)
+    trained = steps * max(1, extra.get("gradient_accumulation_steps") or 1) * spec.batch_size  # rows trained
+
+    def needed(rows: int, checkpointing: bool):
+        smaller = copy.copy(spec)  # the spec's checks already ran; only the rows per step differ
+        smaller.batch_size = rows
+        evaluated = spec.eval_max_new_tokens if getattr(spec, "watch", False) else 0  # SFT, DPO, KTO's watch
+        shape = method.memory_shape(smaller, tokenizer, prepared)
+        units = shape.pop("units", None)  # each example's sequence lengths
+        if units:
+            shape["tokens"] = largest_batch(units, rows, -(-trained // rows), costs, spec.padding_free,
+                                            seed=extra.get("data_seed") or spec.seed, sampling=sampling)
+        return estimate(skel, spec.lora, device, checkpointing=checkpointing, evaluated=evaluated, **shape)
+
+    split = None if extra.get("gradient_accumulation_steps") else method.min_micro_batch
+    return fit_batch(needed, spec.batch_size, split,
+                     extra.get("activation_checkpointing", extra.get("gradient_checkpointing")),
+                     f"nbalign {method.name}", spec.where, spec.max_length, bool(spec.lora.quantize))
+
+
+def flattening_costs(skel, device, spec):
+    """The costs by which the run will pad or flatten each batch (batching.Flattening), or None where it never
+    flattens: padding_free false, packed rows, virtual-token adapters, attention that ignores example boundaries."""
+    if getattr(spec, "padding_free", False) is False or getattr(spec, "packing", False) \
+            or spec.lora.type in ("prefix", "prompt"):
+        return None
+    from dataclasses import replace
+
+    from .batching import layer_costs, supports_flattening
+    from .fastpaths import segments_apply
+
+    if not supports_flattening(skel):
+        return None
+    costs = layer_costs(skel.config)
+    return replace(costs, per_example=costs.per_example or segments_apply(skel.config, device))
 
 
 class PeakMeter:

@@ -253,3 +253,25 @@ def test_a_flattened_reward_model_scores_each_row_at_its_last_token(side):
     flat = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     assert counter.flattened == 1 and flat.shape == padded.shape == (4, 1)
     assert torch.allclose(flat, padded, atol=1e-5)
+
+
+def test_the_estimates_batches_are_padded_or_flattened_as_the_run_would():
+    """batching.drawn_batches: each batch's tokens, padded (no costs: padding_free off) or flattened where the costs
+    say so; in the data's order (KTO's sequential sampling), the longest together (length-grouped sampling), or
+    the seeded shuffle, a new order each epoch."""
+    from nbalign.batching import Costs, drawn_batches
+
+    units = [(10,), (100,), (12,), (90,), (50,)]
+    per_example = Costs(per_token=1000.0, per_pair=1.0, per_example=True)
+    assert drawn_batches(units, 2, 3, None, sampling="sequential") == [200, 180, 50]
+    assert drawn_batches(units, 2, 3, per_example, sampling="sequential") == [110, 102, 50]
+    assert drawn_batches(units, 2, 3, per_example, mode=False, sampling="sequential") == [200, 180, 50]
+    assert drawn_batches(units, 2, 2, per_example, sampling="group_by_length") == [190, 62]
+    # Equal lengths gain nothing from flattening and stay padded; the last batch of an epoch holds the rest.
+    assert drawn_batches([(40,), (40,), (40,)], 2, 2, per_example, sampling="sequential") == [80, 40]
+    pairs = [(10, 30), (20, 20), (5, 100)]  # both answers of a pair in the same batch
+    assert drawn_batches(pairs, 3, 1, None, sampling="sequential") == [6 * 100]
+    assert drawn_batches(pairs, 3, 1, per_example, sampling="sequential") == [185]
+    epochs = drawn_batches([(n,) for n in range(1, 41)], 4, 20, per_example, seed=3)
+    assert len(epochs) == 20 and sum(epochs[:10]) == sum(epochs[10:]) == sum(range(1, 41))
+    assert epochs[:10] != epochs[10:]  # the second epoch is shuffled again (seed + 1)

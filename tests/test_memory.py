@@ -91,6 +91,46 @@ def test_the_estimate_grows_with_what_the_run_holds(smollm2_dir):
         whole.parts["gradients and optimizer"]
 
 
+def _ragged_chats(n: int) -> list[dict]:
+    words = " ".join(f"w{i}" for i in range(60))
+    return [{"messages": [{"role": "user", "content": f"Q{i} " + words[: 6 + (i * 37) % 170]},
+                          {"role": "assistant", "content": f"A{i} " + words[: 4 + (i * 53) % 120]}]} for i in range(n)]
+
+
+@pytest.mark.parametrize("method, extra", [("sft", {"epochs": 2}), ("sft", {"trl": {"train_sampling_strategy":
+                                            "sequential"}}), ("reward_model", {}), ("kto", {})])
+def test_the_estimate_counts_the_batches_the_trainer_will_draw(tiny_model, in_tmp, monkeypatch, method, extra):
+    """Ragged rows are flattened, so a batch's memory follows its own tokens, not its rows times the longest: the
+    estimate works out, before loading, which rows each batch will hold (the trainer's shuffle, seeded, or its
+    sequential order for KTO) and each batch's tokens as the run pads or flattens it. They are the batches the run
+    then computes, in order (recorded as the model's forward flattened or padded them)."""
+    from nbalign import batching
+
+    predicted, computed = [], []
+    drawn, record = batching.drawn_batches, batching.Flattening.record
+    monkeypatch.setattr(batching, "drawn_batches", lambda *a, **k: predicted.append(drawn(*a, **k)) or predicted[-1])
+    monkeypatch.setattr(batching.Flattening, "record", lambda self, flat, lengths, width: computed.append(
+        sum(lengths) if flat else len(lengths) * width) or record(self, flat, lengths, width))
+    rows = _ragged_chats(20)
+    if method != "sft":
+        pairs = [{"prompt": r["messages"][:1], "chosen": r["messages"][1:],
+                  "rejected": [{"role": "assistant", "content": "No. " * (1 + i % 9)}]} for i, r in enumerate(rows)]
+        rows = pairs if method == "reward_model" else [
+            {"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"} for p in pairs for k in ("chosen",
+                                                                                                      "rejected")]
+    options = {"watch": False} if method == "kto" else {"watch": False, "eval_split": 0} if method == "sft" else {}
+    run = getattr(nbalign, method)(rows, model=tiny_model, out=f"runs/{method}", batch_size=4, seed=7,
+                                   **options, **extra)
+    assert run.summary["batches_flattened"] > 0
+    batches = predicted[0]
+    assert len(set(batches)) > 2 and len(batches) == run.summary["steps"]
+    # The run's forwards: one per batch, the reward model's evaluation after them; KTO's per step: its KL
+    # completions' forward first, then the batch's (and the reference's two).
+    per_step = len(computed) // len(batches) if method == "kto" else 1
+    trained = computed[1::per_step] if method == "kto" else computed[: len(batches)]
+    assert trained == batches, computed
+
+
 MEASURE = r"""
 import json, sys
 import nbalign
@@ -127,9 +167,10 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak(smollm2_dir, tmp_
     """Two steps of SFT (4 x 200 tokens) and DPO (2 pairs, 4 sequences of up to 300 tokens) with LoRA on the
     built-in model, and two steps of SFT on one row per step with the watch on (answers and KL measured before and
     after: the evaluation's memory is the peak), each against its fresh process's peak resident set above what it
-    held before the run. Measured (estimate / peak): 0.97, 1.18 and 0.97 with bf16 autocast, 0.88, 1.12 and 0.93 in
+    held before the run. Measured (estimate / peak): 0.89, 0.98 and 0.96 with bf16 autocast, 0.86, 0.91 and 0.95 in
     fp32 (the third was 0.81 before the evaluation released the heap the training steps left; DPO read 1.38 before
-    the count was refitted to per-example attention, which took about 450 MiB off its peak)."""
+    the count was refitted to per-example attention, which took about 450 MiB off its peak, and 1.18 before its
+    bytes per value were set apart from SFT's: memory.PAIRS_KEPT)."""
     results = []
     for method in ("sft", "dpo", "sft-watch"):  # each in a fresh process: memory a run freed may stay with the process
         proc = subprocess.run([sys.executable, "-c", MEASURE, method], cwd=tmp_path, capture_output=True, text=True,
@@ -141,4 +182,6 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak(smollm2_dir, tmp_
         print(f"{r['method']}: estimate {r['estimate'] / 2**20:.0f} MiB, measured {r['peak'] / 2**20:.0f} MiB, "
               f"ratio {ratio:.2f}")
         assert 0.75 <= ratio <= 1.25, results
-        assert abs(r["run_peak"] - r["peak"]) <= 0.1 * r["peak"], results  # the run's own figure says the same
+        # The run's own figure says the same, but for the tokenizer and data planned before its meter starts (about
+        # 145 MiB measured on every method; 10% of the smallest peak, 1,470 MiB, was too tight a bound for that).
+        assert abs(r["run_peak"] - r["peak"]) <= max(0.1 * r["peak"], 200 * 2**20), results

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import runfolder
+from .. import memory, runfolder
 from ..errors import NbalignError
 from ..generation import CACHE
 from ..memory import MiB, PeakMeter
@@ -86,12 +86,14 @@ class Method:
 
     def memory_shape(self, spec, tokenizer, prepared: Prepared) -> dict:
         """The largest batch the run trains on, for the memory estimate: sequences at once and their length (the
-        longest row, within max_length), the tokens the loss reads, a separate reference copy, generated tokens."""
+        longest row, within max_length), each example's sequence lengths (`units`), the tokens the loss reads, a
+        separate reference copy, generated tokens."""
         columns = prepared.train.column_names
         lengths = [len(ids) for ids in prepared.train["input_ids"]] if "input_ids" in columns else [spec.max_length]
         packed = getattr(spec, "packing", False)  # packed rows fill max_length
         longest = spec.max_length if packed else min(max(lengths), spec.max_length)
-        return {"sequences": spec.batch_size, "length": longest}
+        units = None if packed else [(min(n, spec.max_length),) for n in lengths]
+        return {"sequences": spec.batch_size, "length": longest, "units": units}
 
     def planned_steps(self, spec, n_examples: int, extra: dict) -> int:
         return planned_steps(spec, n_examples, extra)
@@ -157,33 +159,16 @@ def plan_run(method: Method, spec: TrainSpec) -> Plan:
     records = in_memory_records(spec)  # after prepare(), whose errors name the rows and the fix
     steps = method.planned_steps(spec, prepared.n_examples, extra)
     defaults = method.config_defaults(spec, device, steps, prepared)
-    need, micro, checkpointing = memory_needed(method, spec, skel, device, tokenizer, prepared, extra)
+    fields = config_class.__dataclass_fields__  # the order the trainer draws its batches in, for the estimate
+    sampling = extra.get("train_sampling_strategy", fields["train_sampling_strategy"].default)
+    need, micro, checkpointing = memory.needed_for(method, spec, skel, device, tokenizer, prepared, extra, steps,
+                                                   sampling)
     if micro < spec.batch_size:  # the same effective batch: fewer rows per step, accumulated
         defaults.update(per_device_train_batch_size=micro, per_device_eval_batch_size=micro)
         extra = {**extra, "gradient_accumulation_steps": spec.batch_size // micro}
     defaults["activation_checkpointing"] = checkpointing
     config = trl_config(config_class, spec, out, defaults, extra)
     return Plan(spec, out, ref, device, tokenizer, prepared, config, steps, records, memory=need)
-
-
-def memory_needed(method: Method, spec: TrainSpec, skel, device, tokenizer, prepared: Prepared, extra: dict):
-    """The run's peak memory, estimated before loading, the rows per step and whether activations are
-    checkpointed: memory.fit_batch, over the method's largest batch (accumulation does not add to it)."""
-    import copy
-
-    from .. import memory
-
-    def needed(rows: int, checkpointing: bool):
-        smaller = copy.copy(spec)  # the spec's checks already ran; only the rows per step differ
-        smaller.batch_size = rows
-        evaluated = spec.eval_max_new_tokens if getattr(spec, "watch", False) else 0  # SFT, DPO, KTO's watch
-        return memory.estimate(skel, spec.lora, device, checkpointing=checkpointing, evaluated=evaluated,
-                               **method.memory_shape(smaller, tokenizer, prepared))
-
-    split = None if extra.get("gradient_accumulation_steps") else method.min_micro_batch
-    return memory.fit_batch(needed, spec.batch_size, split,
-                            extra.get("activation_checkpointing", extra.get("gradient_checkpointing")),
-                            f"nbalign {method.name}", spec.where, spec.max_length, bool(spec.lora.quantize))
 
 
 def run(method: Method, spec: TrainSpec) -> Run:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .. import mixing
+from .. import memory, mixing
 from ..data import load_records
 from ..text import assistant_text
 from ..preference_data import check_prompt_lengths
@@ -51,14 +51,17 @@ class PreferenceMethod(base.Method):
 
         rows = prepared.state["rows"]
         prompts = prompt_lengths(rows, tokenizer)
-        # The mean of a row's answers: measured, the peak follows the tokens of both answers, not both padded to the
-        # longer (CPU 2,805 MiB measured, 3,295 estimated so; H100 12,272, 14,545 so, 31,339 padded).
-        answers = [sum(lengths) / len(lengths) for lengths in (
-            [len(tokenizer(assistant_text(r[k]), add_special_tokens=False)["input_ids"])
-             for k in ("chosen", "rejected", "completion") if k in r] for r in rows)]
-        longest = min(spec.max_length, round(max(p + a + 2 for p, a in zip(prompts, answers))))  # + end of turn
+        answers = [[len(tokenizer(assistant_text(r[k]), add_special_tokens=False)["input_ids"])
+                    for k in ("chosen", "rejected", "completion") if k in r] for r in rows]
+        # Each answer after its prompt (+ the end of turn). KTO's KL completions run without gradients: their
+        # activations are not kept.
+        units = [tuple(min(spec.max_length, p + a + 2) for a in ans) for p, ans in zip(prompts, answers)]
+        # The mean of a row's answers: measured, a padded batch's peak follows the tokens of both answers, not both
+        # padded to the longer (CPU 2,805 MiB measured, 3,295 estimated so; H100 12,272, 14,545 so, 31,339 padded).
+        longest = max(round(sum(u) / len(u)) for u in units)
         separate = spec.lora.type == "full" and not self.precompute(spec, 2, len(rows))
-        return {"sequences": 2 * spec.batch_size, "length": longest, "reference_copy": separate}
+        return {"sequences": 2 * spec.batch_size, "length": longest, "units": units, "reference_copy": separate,
+                "kept": memory.PAIRS_KEPT}
 
     def precompute(self, spec, steps: int, n_rows: int) -> bool:
         """Reference log-probs once before training, when that is cheaper: with full fine-tuning it saves a

@@ -4,7 +4,7 @@ computed (scoring.py) on exactly the text TRL trained on."""
 
 from __future__ import annotations
 
-from .. import mixing, runfolder
+from .. import memory, mixing, runfolder
 from ..data import load_records
 from ..errors import NbalignError
 from ..preference_data import check_prompt_lengths, to_pairs
@@ -56,8 +56,10 @@ class RewardMethod(base.Method):
     def memory_shape(self, spec: RewardSpec, tokenizer, prepared: base.Prepared) -> dict:
         """Both answers of a pair are scored at once; the score head reads one position, not the vocabulary."""
         rows = prepared.state["pairs"]["training data"]
-        longest = max(len(reward_input_ids(tokenizer, r["prompt"], r[k])) for r in rows for k in ("chosen", "rejected"))
-        return {"sequences": 2 * spec.batch_size, "length": min(spec.max_length, longest), "loss_tokens": 0}
+        units = [tuple(min(spec.max_length, len(reward_input_ids(tokenizer, r["prompt"], r[k])))
+                       for k in ("chosen", "rejected")) for r in rows]
+        return {"sequences": 2 * spec.batch_size, "length": max(max(u) for u in units), "units": units,
+                "loss_tokens": 0, "kept": memory.PAIRS_KEPT}
 
     def config_defaults(self, spec: RewardSpec, device, steps: int, prepared) -> dict:
         return {
