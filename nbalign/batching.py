@@ -33,6 +33,19 @@ UNDERSTOOD = {"input_ids", "attention_mask", "labels", "shift_labels", "fused_lm
               "output_router_logits", "num_items_in_batch"}
 
 
+# Decoders checked to run every attention through transformers' attention interface with no special case for the
+# name "sdpa" (Falcon branches on that name; Gemma 4's shared key/value layers slice their inputs unless it is
+# sdpa), no mask overlays (multimodal models) and causal self-attention.
+SEGMENT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def segments_apply(config, device) -> bool:
+    """Whether a training model of this config on `device` attends each example of a flattened row on its own
+    (fastpaths.use_segment_attention); also read by the memory estimate before anything is loaded."""
+    return device.type == "cpu" and config is not None and getattr(config, "_attn_implementation", None) == "sdpa" \
+        and getattr(config, "model_type", None) in SEGMENT_MODELS and not getattr(config, "sub_configs", None)
+
+
 @dataclass(frozen=True)
 class Costs:
     """Multiply-adds of one layer: per token through its linear maps, per (query, key) pair in attention."""
@@ -218,8 +231,12 @@ def flatten_padded_forward(model, costs: Costs, mode="auto", pooled: bool = Fals
 def largest_batch(units: list[tuple[int, ...]], rows: int, batches: int, costs: Costs | None, mode="auto",
                   seed: int = 42, sampling: str = "random") -> int:
     """Tokens the largest of a run's first `batches` batches computes (`drawn_batches`): the memory estimate's
-    batch, worked out before anything is loaded."""
-    return max(drawn_batches(units, rows, batches, costs, mode, seed, sampling))
+    batch, worked out before anything is loaded. Past 1,000 epochs (which `drawn_batches` does not draw) the
+    longest examples' batch stands for the rest."""
+    top = max(drawn_batches(units, rows, batches, costs, mode, seed, sampling), default=0)
+    if batches > 1000 * -(-len(units) // rows):
+        top = max(top, drawn_batches(units, rows, 1, costs, mode, seed, "longest first")[0])
+    return top
 
 
 def drawn_batches(units: list[tuple[int, ...]], rows: int, batches: int, costs: Costs | None, mode="auto",
@@ -230,9 +247,11 @@ def drawn_batches(units: list[tuple[int, ...]], rows: int, batches: int, costs: 
     the ones the trainer will draw, `rows` examples at a time (the last batch of an epoch short), in the order of
     its `sampling` (transformers' train_sampling_strategy): "random", accelerate's seedable sampler, whose order in
     epoch e is `torch.randperm(len(units))` seeded with seed + e (the run's seed or data_seed); "sequential" (KTO's
-    default), the data's order; length-grouped strategies, the longest examples together. tests/test_memory.py
-    checks the order against runs'. Each batch is padded to its longest sequence or, with `costs` (None: never),
-    flattened where `Flattening` would flatten it."""
+    default), the data's order; any other (length-grouped or rebalanced batches, rows TRL reshuffles first), the
+    longest examples together: a bound for length-grouped batches, a guess otherwise. Not modelled: several
+    processes (accelerate deals the batches out and fills the last round from the epoch's start).
+    tests/test_memory.py checks the order against runs'. Each batch is padded to its longest sequence or, with
+    `costs` (None: never), flattened where `Flattening` would flatten it."""
     import numpy as np
     import torch
 
@@ -242,7 +261,7 @@ def drawn_batches(units: list[tuple[int, ...]], rows: int, batches: int, costs: 
     n = len(units)
     per_epoch = -(-n // rows)
     out, left = [], batches
-    for epoch in range(min(-(-batches // per_epoch), 1000)):  # beyond 1,000 epochs the largest batch is known
+    for epoch in range(min(-(-batches // per_epoch), 1000)):  # see largest_batch
         if sampling == "random":
             generator = torch.Generator()
             generator.manual_seed(seed + epoch)

@@ -241,23 +241,10 @@ def fewer_casts(model) -> int:
     return changed
 
 
-# Decoders checked to run every attention through transformers' attention interface with no special case for the
-# name "sdpa" (Falcon branches on that name; Gemma 4's shared key/value layers slice their inputs unless it is
-# sdpa), no mask overlays (multimodal models) and causal self-attention.
-SEGMENT_MODELS = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def segments_apply(config, device) -> bool:
-    """Whether a training model of this config on `device` attends each example of a flattened row on its own
-    (`use_segment_attention`); also read by the memory estimate before anything is loaded."""
-    return device.type == "cpu" and config is not None and getattr(config, "_attn_implementation", None) == "sdpa" \
-        and getattr(config, "model_type", None) in SEGMENT_MODELS and not getattr(config, "sub_configs", None)
-
-
 def use_segment_attention(model, device) -> bool:
     """Switch a CPU training model on transformers' sdpa to `attend_by_segment`; False where it stays as it is
     (another device, attention implementation or model family). The model is the run's own: freed at its end."""
-    from .batching import SEGMENTS
+    from .batching import SEGMENTS, segments_apply
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)

@@ -140,13 +140,14 @@ def estimate(skel, adapter, device, *, sequences: int, length: int, tokens: int 
     tokens = sequences * length if tokens is None else tokens
     # Bytes per counted value, measured on SmolLM2-135M (tests/test_memory.py checks them), with nbalign's CPU LM
     # head and dropout and per-example attention on flattened rows (fastpaths.py). On a CPU with bf16 autocast, 4:
-    # peaks of 2,745 MiB for 4 x 200 tokens of SFT and 2,394 for DPO's 4 x 240, this count gives 2,452 and 2,826
-    # (DPO keeps fewer bytes per counted value than SFT: 3.1 against 4.8; PAIRS_KEPT). In fp32 (no autocast): 5.5
-    # (3,346 and 3,122 MiB measured, 3,039 and 3,529 estimated). On the benchmark's ragged rows (bench/data.py,
-    # 32 rows in batches of 8, every batch as drawn), estimate / peak with bf16 autocast: SFT 1.05, DPO 1.02, KTO
-    # 1.15, the reward model 1.00 (0.95 to 3.34 before the batches were worked out: each taken as its rows times the
-    # longest); in fp32 0.85, 0.93, 0.95, 0.91. Before attention ran per example on a CPU, sdpa's masked square
-    # of a flattened row added about 450 MiB to DPO's peak (5 and 7 bytes were fitted with it). On CUDA in bf16
+    # peaks of 2,745 MiB for 4 x 200 tokens of SFT and 2,394 for DPO's 4 x 240, this count gave 2,452 and 2,826
+    # (DPO keeps fewer bytes per counted value than SFT: 3.1 against 4.8; with PAIRS_KEPT since, 2,356). In fp32
+    # (no autocast): 5.5 (3,346 and 3,122 MiB measured, 3,039 and 3,529 estimated). On the benchmark's ragged rows
+    # (bench/data.py, 32 rows in batches of 8, every batch as drawn), estimate / peak with bf16 autocast: SFT 1.05,
+    # DPO 1.02, KTO 1.15, the reward model 1.00 (SFT 2.23 and the reward model 3.34 before the batches were worked
+    # out: each taken as its rows times the longest); in fp32 0.85, 0.93, 0.95, 0.91. Before attention ran per
+    # example on a CPU, sdpa's masked square of a flattened row added about 450 MiB to DPO's peak (5 and 7 bytes were
+    # fitted with it). On CUDA in bf16
     # (H100): 2.0, the count in bf16 (LoRA 12,050 MiB measured at 32 x 360 tokens, 11,991 estimated; full
     # fine-tuning 10,232 and 10,154).
     compute_bytes = 2.0 if device.bf16 else 4 if device.amp else 5.5
@@ -285,17 +286,20 @@ def needed_for(method, spec, skel, device, tokenizer, prepared, extra: dict, ste
 
     costs = flattening_costs(skel, device, spec)
     trained = steps * max(1, extra.get("gradient_accumulation_steps") or 1) * spec.batch_size  # rows trained
+    seed = extra["data_seed"] if extra.get("data_seed") is not None else spec.seed
+    shapes: dict[int, dict] = {}  # by rows per step: memory_shape tokenises every row
 
     def needed(rows: int, checkpointing: bool):
-        smaller = copy.copy(spec)  # the spec's checks already ran; only the rows per step differ
-        smaller.batch_size = rows
+        if rows not in shapes:
+            smaller = copy.copy(spec)  # the spec's checks already ran; only the rows per step differ
+            smaller.batch_size = rows
+            shape = shapes[rows] = method.memory_shape(smaller, tokenizer, prepared)
+            units = shape.pop("units", None)  # each example's sequence lengths
+            if units:
+                shape["tokens"] = largest_batch(units, rows, -(-trained // rows), costs, spec.padding_free, seed,
+                                                sampling)
         evaluated = spec.eval_max_new_tokens if getattr(spec, "watch", False) else 0  # SFT, DPO, KTO's watch
-        shape = method.memory_shape(smaller, tokenizer, prepared)
-        units = shape.pop("units", None)  # each example's sequence lengths
-        if units:
-            shape["tokens"] = largest_batch(units, rows, -(-trained // rows), costs, spec.padding_free,
-                                            seed=extra.get("data_seed") or spec.seed, sampling=sampling)
-        return estimate(skel, spec.lora, device, checkpointing=checkpointing, evaluated=evaluated, **shape)
+        return estimate(skel, spec.lora, device, checkpointing=checkpointing, evaluated=evaluated, **shapes[rows])
 
     split = None if extra.get("gradient_accumulation_steps") else method.min_micro_batch
     return fit_batch(needed, spec.batch_size, split,
@@ -311,8 +315,7 @@ def flattening_costs(skel, device, spec):
         return None
     from dataclasses import replace
 
-    from .batching import layer_costs, supports_flattening
-    from .fastpaths import segments_apply
+    from .batching import layer_costs, segments_apply, supports_flattening
 
     if not supports_flattening(skel):
         return None

@@ -97,12 +97,14 @@ def _ragged_chats(n: int) -> list[dict]:
                           {"role": "assistant", "content": f"A{i} " + words[: 4 + (i * 53) % 120]}]} for i in range(n)]
 
 
-@pytest.mark.parametrize("method, extra", [("sft", {"epochs": 2}), ("sft", {"trl": {"train_sampling_strategy":
-                                            "sequential"}}), ("reward_model", {}), ("kto", {})])
+@pytest.mark.parametrize("method, extra", [("sft", {"epochs": 2, "trl": {"data_seed": 0}}),
+                                           ("sft", {"trl": {"train_sampling_strategy": "sequential"}}),
+                                           ("reward_model", {}), ("kto", {})])
 def test_the_estimate_counts_the_batches_the_trainer_will_draw(tiny_model, in_tmp, monkeypatch, method, extra):
     """Ragged rows are flattened, so a batch's memory follows its own tokens, not its rows times the longest: the
-    estimate works out, before loading, which rows each batch will hold (the trainer's shuffle, seeded, or its
-    sequential order for KTO) and each batch's tokens as the run pads or flattens it. They are the batches the run
+    estimate works out, before loading, which rows each batch will hold (the trainer's shuffle, seeded with the
+    run's seed or data_seed, anew each epoch, or its sequential order for KTO) and each batch's tokens as the run
+    pads or flattens it. They are the batches the run
     then computes, in order (recorded as the model's forward flattened or padded them)."""
     from nbalign import batching
 
@@ -111,7 +113,7 @@ def test_the_estimate_counts_the_batches_the_trainer_will_draw(tiny_model, in_tm
     monkeypatch.setattr(batching, "drawn_batches", lambda *a, **k: predicted.append(drawn(*a, **k)) or predicted[-1])
     monkeypatch.setattr(batching.Flattening, "record", lambda self, flat, lengths, width: computed.append(
         sum(lengths) if flat else len(lengths) * width) or record(self, flat, lengths, width))
-    rows = _ragged_chats(20)
+    rows = _ragged_chats(22)  # batches of 4: each epoch's last batch short
     if method != "sft":
         pairs = [{"prompt": r["messages"][:1], "chosen": r["messages"][1:],
                   "rejected": [{"role": "assistant", "content": "No. " * (1 + i % 9)}]} for i, r in enumerate(rows)]
@@ -129,6 +131,15 @@ def test_the_estimate_counts_the_batches_the_trainer_will_draw(tiny_model, in_tm
     per_step = len(computed) // len(batches) if method == "kto" else 1
     trained = computed[1::per_step] if method == "kto" else computed[: len(batches)]
     assert trained == batches, computed
+
+
+def test_a_fraction_of_an_epoch_is_planned_as_the_trainer_runs_it(tiny_model, in_tmp, capsys):
+    """1.5 epochs of 3 batches: the trainer runs 5 steps (it rounds up), and the plan, which sizes the estimate's
+    batches and the logging, says 5 too."""
+    run = nbalign.sft(_ragged_chats(12), model=tiny_model, out="runs/frac", batch_size=4, epochs=1.5, watch=False,
+                      eval_split=0)
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("nbalign sft:"))
+    assert "12 examples, 5 steps" in first and run.summary["steps"] == 5
 
 
 MEASURE = r"""

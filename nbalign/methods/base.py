@@ -160,7 +160,8 @@ def plan_run(method: Method, spec: TrainSpec) -> Plan:
     steps = method.planned_steps(spec, prepared.n_examples, extra)
     defaults = method.config_defaults(spec, device, steps, prepared)
     fields = config_class.__dataclass_fields__  # the order the trainer draws its batches in, for the estimate
-    sampling = extra.get("train_sampling_strategy", fields["train_sampling_strategy"].default)
+    sampling = "unknown" if extra.get("shuffle_dataset") else \
+        extra.get("train_sampling_strategy", fields["train_sampling_strategy"].default)
     need, micro, checkpointing = memory.needed_for(method, spec, skel, device, tokenizer, prepared, extra, steps,
                                                    sampling)
     if micro < spec.batch_size:  # the same effective batch: fewer rows per step, accumulated

@@ -4,6 +4,7 @@ top, and the number of optimizer steps the run will take (what logging and check
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -80,4 +81,4 @@ def planned_steps(spec: TrainSpec, n_examples: int, extra: dict) -> int:
         return extra["max_steps"]
     accumulation = max(1, extra.get("gradient_accumulation_steps") or 1)
     per_epoch = -(-n_examples // (spec.batch_size * accumulation))
-    return max(1, int(per_epoch * spec.epochs))
+    return max(1, math.ceil(per_epoch * spec.epochs))  # transformers' Trainer rounds a fraction of an epoch up

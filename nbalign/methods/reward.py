@@ -56,8 +56,9 @@ class RewardMethod(base.Method):
     def memory_shape(self, spec: RewardSpec, tokenizer, prepared: base.Prepared) -> dict:
         """Both answers of a pair are scored at once; the score head reads one position, not the vocabulary."""
         rows = prepared.state["pairs"]["training data"]
-        units = [tuple(min(spec.max_length, len(reward_input_ids(tokenizer, r["prompt"], r[k])))
-                       for k in ("chosen", "rejected")) for r in rows]
+        units = [tuple(len(reward_input_ids(tokenizer, r["prompt"], r[k])) for k in ("chosen", "rejected"))
+                 for r in rows]
+        units = [u for u in units if max(u) <= spec.max_length]  # TRL drops longer pairs (_check_pair_lengths)
         return {"sequences": 2 * spec.batch_size, "length": max(max(u) for u in units), "units": units,
                 "loss_tokens": 0, "kept": memory.PAIRS_KEPT}
 
