@@ -117,7 +117,7 @@ EVAL_BATCH, SCORING_ROWS, SCORING_TENSORS = 16, 8, 5
 # The share of SFT's bytes per counted value that the peak of a preference or reward step holds (their saved
 # activations per token are SFT's; SFT's backward holds more besides). Measured on the benchmark's ragged data
 # (bf16 autocast, SmolLM2-135M, LoRA, every batch as the run drew it): bytes per counted value, SFT 4.5, DPO 3.0,
-# the reward model 2.8, KTO 2.6; with 4-value rows (tests/test_memory.py) SFT 4.8, DPO 3.1. On CUDA (H100, bf16)
+# the reward model 2.8, KTO 2.6; on tests/test_memory.py's rows SFT 4.8, DPO 3.1. On CUDA (H100, bf16)
 # DPO's peak matched SFT's bytes per value (estimate / peak 1.03 without this share): it applies on the CPU only.
 PAIRS_KEPT = 0.75
 
