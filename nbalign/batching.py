@@ -104,11 +104,8 @@ class Flattening:
 
     def decide(self, lengths: list[int], width: int) -> bool:
         """Whether rows of `lengths` tokens, padded to `width`, run flattened."""
-        if len(lengths) < 2:
-            return False
-        if self.mode != "auto":
-            return bool(self.mode)
-        return self.costs.flattened(lengths) < self.costs.rows(len(lengths), width)
+        return bool(flattens(self.costs, self.mode, len(lengths), sum(lengths), sum(n * n for n in lengths),
+                             max(lengths), width))
 
     def record(self, flat: bool, lengths: list[int], width: int) -> None:
         self.flattened += flat
@@ -120,6 +117,14 @@ class Flattening:
         """Batches flattened and padded, and the share of padded work the flattening saved."""
         saved = 1 - self.tokens_computed / self.tokens_if_padded if self.tokens_if_padded else 0.0
         return {"batches_flattened": self.flattened, "batches_padded": self.padded, "padding_saved": round(saved, 3)}
+
+
+def flattens(costs: Costs, mode, count, total, squares, longest, width):
+    """The flattening rule, for one batch or (numpy arrays) many: `count` sequences of `total` tokens, their
+    squares summing to `squares`, the longest `longest`, padded to `width`. Never a single sequence; else as
+    `mode` forces, or where `costs` prices the flattened row lower."""
+    chosen = costs.summed(total, squares, longest) < costs.rows(count, width) if mode == "auto" else bool(mode)
+    return (count > 1) & chosen
 
 
 class PadOrFlatten(Flattening):
@@ -273,9 +278,6 @@ def drawn_batches(units: list[tuple[int, ...]], rows: int, batches: int, costs: 
         left -= len(held)
         width, count = held.max(1), (held > 0).sum(1)
         total, squares = held.sum(1), (held * held).sum(1)
-        flat = np.zeros(len(held), dtype=bool)
-        if costs is not None and mode is not False:
-            cheaper = costs.summed(total, squares, width) < costs.rows(count, width)
-            flat = (count > 1) & (cheaper if mode == "auto" else True)
+        flat = False if costs is None else flattens(costs, mode, count, total, squares, width, width)
         out += np.where(flat, total, count * width).tolist()
     return out

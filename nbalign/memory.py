@@ -309,9 +309,9 @@ def needed_for(method, spec, skel, device, tokenizer, prepared, extra: dict, ste
 
 def flattening_costs(skel, device, spec):
     """The costs by which the run will pad or flatten each batch (batching.Flattening), or None where it never
-    flattens: padding_free false, packed rows, virtual-token adapters, attention that ignores example boundaries."""
-    if getattr(spec, "padding_free", False) is False or getattr(spec, "packing", False) \
-            or spec.lora.type in ("prefix", "prompt"):
+    flattens: padding_free false, virtual-token adapters, attention that ignores example boundaries (packed rows
+    give the estimate no `units` to price)."""
+    if getattr(spec, "padding_free", False) is False or spec.lora.type in ("prefix", "prompt"):
         return None
     from dataclasses import replace
 

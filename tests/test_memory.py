@@ -104,8 +104,8 @@ def test_the_estimate_counts_the_batches_the_trainer_will_draw(tiny_model, in_tm
     """Ragged rows are flattened, so a batch's memory follows its own tokens, not its rows times the longest: the
     estimate works out, before loading, which rows each batch will hold (the trainer's shuffle, seeded with the
     run's seed or data_seed, anew each epoch, or its sequential order for KTO) and each batch's tokens as the run
-    pads or flattens it. They are the batches the run
-    then computes, in order (recorded as the model's forward flattened or padded them)."""
+    pads or flattens it. They are the batches the run then computes, in order (recorded as the model's forward
+    flattened or padded them)."""
     from nbalign import batching
 
     predicted, computed = [], []
