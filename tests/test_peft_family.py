@@ -48,6 +48,47 @@ def test_each_type_trains_with_sft_saves_and_loads_as_a_model(tiny_model, in_tmp
         2e-4 * {"ia3": 15, "prefix": 50, "prompt": 150}[kind])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_virtual_token_types_generate_what_their_forward_computes(smollm2_dir, kind):
+    """Greedy answers of a prefix- or prompt-tuned model to a left-padded batch of prompts of different lengths
+    are the tokens its own forward (what training optimised) ranks first, one at a time. PEFT 0.21's generate()
+    under transformers 5 put the virtual tokens in again before every new token: a prompt-tuned built-in model
+    answered "The capital Poland is Poland is the capital" where its forward says "The capital of Poland is
+    Warsaw.", 15 times slower."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nbalign.generation import generate_with
+    from nbalign.models import apply_adapter
+    from nbalign.text import prompt_text
+
+    # The adapters as initialised (random virtual tokens): on the built-in model they change its answers.
+    model = apply_adapter(AutoModelForCausalLM.from_pretrained(smollm2_dir), AdapterSpec(type=kind, virtual_tokens=8),
+                          seed=1).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = ["Hi", "What is the capital of Poland?", "What is 18 plus 5? Answer briefly, please, in one short line."]
+
+    def forward_greedy(prompt: str, n: int = 8) -> str:
+        ids = tokenizer(prompt_text(tokenizer, prompt), return_tensors="pt", add_special_tokens=False).input_ids
+        new = []
+        with torch.no_grad():
+            for _ in range(n):
+                token = model(input_ids=ids).logits[0, -1].argmax()
+                if token == tokenizer.eos_token_id:
+                    break
+                new.append(int(token))
+                ids = torch.cat([ids, token.view(1, 1)], dim=1)
+        return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    def generated() -> list[str]:
+        return generate_with(model, tokenizer, prompts, max_new_tokens=8)
+
+    expected = [forward_greedy(p) for p in prompts]
+    assert generated() == expected
+    with model.disable_adapter():  # the virtual tokens make a difference here
+        assert generated() != expected
+
+
 def test_four_bit_is_for_lora_and_dora_only():
     with pytest.raises(NbalignError, match="4-bit loading is offered with LoRA and DoRA"):
         AdapterSpec.from_dict({"type": "ia3", "quantize": "4bit"})
