@@ -251,7 +251,7 @@ def measure(model, tokenizer, data: EvalData, reference, beta: float, max_new_to
                     out["label_accuracy"] = accuracy_with_ties(signs)
         prompts = data.prompts
         if prompts:
-            answers = generate_with(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=16)
+            answers = generate_with(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
             out["length"] = sum(len(a) for a in answers) / len(answers)
             out["answers"] = answers
             if data.pairs:
@@ -271,8 +271,7 @@ def measure(model, tokenizer, data: EvalData, reference, beta: float, max_new_to
                 out["kl"] = sum(kls) / len(kls)
             out.update(answer_scores(answers, data.references))
         if data.probe:
-            asked = generate_with(model, tokenizer, [q for q, _ in data.probe], max_new_tokens=PROBE_TOKENS,
-                                  batch_size=16)
+            asked = generate_with(model, tokenizer, [q for q, _ in data.probe], max_new_tokens=PROBE_TOKENS)
             out.update(probe_score(asked, data.probe), probe_answers=asked, probe_questions=[q for q, _ in data.probe])
         if data.general_text:
             out["perplexity"] = perplexity(model, tokenizer, data.general_text)
@@ -306,7 +305,7 @@ def prompting_baseline(model, tokenizer, data: EvalData, max_new_tokens: int = 6
         return {}
     prompts = [fewshot_prompt(data.demos, p) for p in data.prompts]
     with _eval_mode(model):
-        answers = generate_with(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8)
+        answers = generate_with(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     scored = answer_scores(answers, data.references)
     return {"k": len(data.demos), **scored, "answers": answers,
             "demos": [{"prompt": plain_prompt(p), "answer": a} for p, a in data.demos]}

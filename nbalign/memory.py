@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import NbalignError
+from .generation import BATCH
 
 MiB = 2**20
 
@@ -109,11 +110,11 @@ def trainable(skel, adapter) -> int:
                for m in linear_layers(skel, adapter))
 
 
-# The evaluation's working set: answers are generated 16 prompts at a time (evaluation.measure), and its scoring
+# The evaluation's working set: answers are generated generation.BATCH prompts at a time, and its scoring
 # reads up to 8 sequences at a time in chunks of at most scoring.ROW_BYTES of fp32 log-probs, holding a forward's
 # logits, the policy's and the reference's log-probs (scoring.answer_kl) and temporaries: 5 chunks' worth, measured
 # (SmolLM2-135M with LoRA, one row per step: 619 MiB above weights and optimizer for SFT's watch, 927 for DPO's).
-EVAL_BATCH, SCORING_ROWS, SCORING_TENSORS = 16, 8, 5
+EVAL_BATCH, SCORING_ROWS, SCORING_TENSORS = BATCH, 8, 5
 # The share of SFT's bytes per counted value that the peak of a preference or reward step holds (their saved
 # activations per token are SFT's; SFT's backward holds more besides). Measured on the benchmark's ragged data
 # (bf16 autocast, SmolLM2-135M, LoRA, every batch as the run drew it): bytes per counted value, SFT 4.5, DPO 3.0,

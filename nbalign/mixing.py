@@ -49,7 +49,7 @@ def base_answers(model: str) -> list[tuple[str, str]]:
     from .generation import generate
 
     questions = [q for q, _ in GENERAL_QUESTIONS]
-    answers = generate(model, questions, max_new_tokens=REPLAY_TOKENS, batch_size=16)
+    answers = generate(model, questions, max_new_tokens=REPLAY_TOKENS)
     right = probe_score(answers, GENERAL_QUESTIONS)["probe_right"]
     kept = [(q, a) for q, a, ok in zip(questions, answers, right) if ok and a.strip()]
     path.parent.mkdir(parents=True, exist_ok=True)
