@@ -304,8 +304,8 @@ def prompting_baseline(model, tokenizer, data: EvalData, max_new_tokens: int = 6
     if not data.demos or not any(r is not None for r in data.references):
         return {}
     prompts = [fewshot_prompt(data.demos, p) for p in data.prompts]
-    with _eval_mode(model):
-        answers = generate_with(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    with _eval_mode(model):  # k + 1 turns per prompt: 8 at a time keeps their cache near one batch's of 32
+        answers = generate_with(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8)
     scored = answer_scores(answers, data.references)
     return {"k": len(data.demos), **scored, "answers": answers,
             "demos": [{"prompt": plain_prompt(p), "answer": a} for p, a in data.demos]}

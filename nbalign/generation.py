@@ -155,15 +155,19 @@ def generate_after_virtual_tokens(model, batch, **kwargs):
     n, k = batch["input_ids"].shape[0], virtual_tokens(model)
     mask = batch["attention_mask"]
     mask = torch.cat([torch.ones(n, k, dtype=mask.dtype, device=mask.device), mask], dim=1)
-    base = model.get_base_model()
-    if model.active_peft_config.peft_type == PeftType.PREFIX_TUNING:
-        # The prefix is the first k positions of the cache; their input ids are never read.
+    base, kind = model.get_base_model(), model.active_peft_config.peft_type
+    if kind in (PeftType.PREFIX_TUNING, getattr(PeftType, "CARTRIDGE", None)):
+        # The prefix is the first k positions of the cache; their input ids are never read. generate() repeats the
+        # inputs for beams or several answers per prompt, not a cache: the prefix is made for that many rows.
         ids = torch.cat([batch["input_ids"][:, :1].expand(n, k), batch["input_ids"]], dim=1)
+        rows = n * max(kwargs.get("num_beams") or 1, kwargs.get("num_return_sequences") or 1)
         # transformers 5 renamed generate()'s `past_key_values` to `cache` (the old name warns, then goes).
         named = inspect.signature(base.prepare_inputs_for_generation).parameters
         name = "cache" if "cache" in named else "past_key_values"
-        out = base.generate(input_ids=ids, attention_mask=mask, **{name: model.get_prompt(batch_size=n)}, **kwargs)
+        out = base.generate(input_ids=ids, attention_mask=mask, **{name: model.get_prompt(batch_size=rows)}, **kwargs)
         return out[:, ids.shape[1]:]
+    if kind not in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):  # e.g. multitask prompt tuning (needs task ids)
+        return model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1]:]
     embeds = model.word_embeddings(batch["input_ids"])
     embeds = torch.cat([model.get_prompt(batch_size=n).to(embeds.dtype), embeds], dim=1)
     return base.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)  # only the new tokens come back

@@ -87,6 +87,8 @@ def test_virtual_token_types_generate_what_their_forward_computes(smollm2_dir, k
     assert generated() == expected
     with model.disable_adapter():  # the virtual tokens make a difference here
         assert generated() != expected
+    # Beam search repeats each prompt's inputs (and, for prefix tuning, needs the prefix for every beam).
+    assert len(generate_with(model, tokenizer, prompts[:2], max_new_tokens=3, num_beams=2)) == 2
 
 
 def test_four_bit_is_for_lora_and_dora_only():

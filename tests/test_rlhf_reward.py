@@ -218,6 +218,11 @@ def test_prompts_data_errors_name_the_fix(tiny_model, in_tmp):
     with pytest.raises(NbalignError, match="exceeds max_length 64"):
         nbalign.rlhf(["word " * 80], reward=lambda completions, **kw: [0.0] * len(completions),
                      model=tiny_model, out="runs/rl", max_length=64, **FAST_RL)
+    # TRL would generate a prompt-tuned policy's answers through PEFT's generate(), wrong under transformers 5.
+    nbalign.lora(type="prompt", model=tiny_model)
+    with pytest.raises(NbalignError, match="prompt tuning cannot train by reinforcement here.*use LoRA"):
+        nbalign.rlhf(PROMPTS, reward=lambda completions, **kw: [0.0] * len(completions), model=tiny_model,
+                     out="runs/rl", **FAST_RL)
     assert not (in_tmp / "runs").exists()
 
 

@@ -64,6 +64,15 @@ class RLHF(base.Method):
     def prepare(self, spec: RLHFSpec, tokenizer) -> base.Prepared:
         from datasets import Dataset
 
+        if spec.lora.type in ("prefix", "prompt"):
+            # TRL generates the answers with the PEFT model's own generate(), which with transformers 5 puts the
+            # virtual tokens in again at every new token (generation.generate_after_virtual_tokens).
+            raise NbalignError(
+                f"{WHERE}: {spec.lora.type} tuning cannot train by reinforcement here: TRL would generate its answers "
+                "through PEFT's generate(), which under transformers 5 repeats the virtual tokens before every new "
+                "token, so the policy would be rewarded for answers it does not give.",
+                "use LoRA (type: lora) or IA3 for %%rlhf, or train the prompt with %%sft, %%dpo or %%kto.")
+
         def prepare(data, what):
             rows = to_prompts(data, what)
             _check_lengths(rows, tokenizer, spec, what)
