@@ -222,7 +222,9 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tokenizer):
 @pytest.mark.parametrize("p", [0.5, 0.1, 0.9])
 def test_perplexity_of_a_model_right_with_probability_p_is_one_over_p(tokenizer, p):
     model = RightWithProbability(len(tokenizer), [p])
-    assert perplexity(model, tokenizer, TEXTS, batch_size=2) == pytest.approx(1 / p, rel=1e-4)
+    # The log-softmax sums 49,151 equal fp32 terms; how many lanes accumulate them is the CPU's choice: on an
+    # AVX2-only AMD EPYC the perplexity read 2.00026 for 2 (2.6e-4), within 1e-4 on an AVX512 CPU.
+    assert perplexity(model, tokenizer, TEXTS, batch_size=2) == pytest.approx(1 / p, rel=1e-3)
 
 
 def test_perplexity_reads_every_text_token_after_the_bos(tokenizer):
