@@ -320,17 +320,17 @@ def failure(returncode: int) -> str:
 
 def summarise(method: str, runs: dict[str, list[dict]], counts: dict, shape: dict, peak: dict) -> dict:
     keys = ("train_s", "tokens_per_s", "peak_rss_mib", "cuda_peak_mib")
+    done = {side: [r for r in rs if "failed" not in r] for side, rs in runs.items()}
     sides = {}
     for side, rs in runs.items():
-        done = [r for r in rs if "failed" not in r]
-        sides[side] = aggregate(done, keys) if done else {"failed": rs[0]["failed"]}
-        if len(done) < len(rs):
+        sides[side] = aggregate(done[side], keys) if done[side] else {"failed": rs[0]["failed"]}
+        if done[side] and len(done[side]) < len(rs):  # some repeats failed: the figures are the others'
             sides[side]["failures"] = [r["failed"] for r in rs if "failed" in r]
     flops = model_flops(method, shape, counts, full=LORA.get("type") == "full")
     for side, r in sides.items():
         if "failed" in r:
             continue
-        r["tokens_per_s_each"] = [x["tokens_per_s"] for x in runs[side]]
+        r["tokens_per_s_each"] = [x["tokens_per_s"] for x in done[side]]
         r.pop("trl_config", None)
         precision = "bfloat16" if r.get("bf16") else "float32"
         r["model_tflop"] = round(flops / 1e12, 3)
@@ -338,8 +338,7 @@ def summarise(method: str, runs: dict[str, list[dict]], counts: dict, shape: dic
         r["mfu"] = round(flops / r["train_s"] / 1e9 / peak[precision], 3)
         r["mfu_against"] = f"{precision} matmul peak {peak[precision]} GFLOP/s"
     memory = "cuda_peak_mib" if any(r.get("cuda_peak_mib") for r in sides.values()) else "peak_rss_mib"
-    nb = sides.get("nbalign", {})
-    nb = {} if "failed" in nb else nb
+    nb = sides.get("nbalign", {}) if "failed" not in sides.get("nbalign", {}) else {}
     out = {"counts": counts, "sides": sides, "memory_measure": memory, "ratios": {}}
     for other in ("trl", "trl-same"):
         if other in sides and nb and "failed" not in sides[other]:
