@@ -6,6 +6,7 @@ cheap: torch, transformers and TRL load on first use.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 from .version import __version__
@@ -14,6 +15,23 @@ from .version import __version__
 # places the virtual tokens itself, so nothing is wrong, and the notice would fill a cell's output.
 warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning",
                         category=UserWarning)
+
+
+class _OptionalKernelNotices(logging.Filter):
+    """On a CPU with AVX512-bf16, importing bitsandbytes (peft imports it) fetches an optional 4-bit CPU kernel
+    from the Hugging Face Hub. Offline, or without the `kernels` package, it works without it, but says so at
+    import in two warnings a notebook shows in red: kernels that it skipped the kernel's publisher check,
+    bitsandbytes that it could not load the kernel. Only those two are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("'kernels-community/quantization-bitsandbytes'" in text
+                    or text.startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+
+
+# Filters on the loggers themselves (getLogger imports nothing): a logger's filter sees only its own records.
+for _name in ("kernels._internals.hf_hub", "bitsandbytes.backends.cpu.ops"):
+    logging.getLogger(_name).addFilter(_OptionalKernelNotices())
 
 __all__ = [
     "lora", "sft", "dpo", "kto", "reward_model", "rlhf", "merge", "compare", "chat", "evaluate", "replay", "RewardModel", "list_runs", "generate",

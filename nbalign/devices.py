@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -106,8 +105,6 @@ def quiet():
     import datasets
     import transformers
 
-    # bitsandbytes' CPU backend logs that an optional kernels package is missing; it works without it.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     bars_on = datasets.is_progress_bar_enabled()
     hf_bars_on = transformers.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()

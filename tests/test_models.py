@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,25 @@ def test_builtin_model_is_found_without_importing_its_package(smollm2_dir):
     config = json.loads((smollm2_dir / "config.json").read_text())
     # Converted from the GGUF once into a plain checkpoint the Trainer accepts.
     assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+
+
+def test_bitsandbytes_optional_kernel_notices_stay_out_of_the_cell():
+    """On an AVX512-bf16 CPU, offline, `import peft` made bitsandbytes fetch an optional kernel and two warnings
+    landed in red under a notebook cell (the browser chat test failed on them). In a fresh process: the very
+    records those libraries log are dropped once nbalign is imported, and other warnings of theirs still show."""
+    code = (
+        "import logging, nbalign\n"
+        "logging.getLogger('kernels._internals.hf_hub').warning(\"Skipping publisher trust check for "
+        "'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in offline mode.\")\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('Failed to load CPU gemm_4bit_forward from "
+        "kernels-community: %s. Please make sure', 'offline')\n"
+        "logging.getLogger('kernels._internals.hf_hub').warning('another notice')\n"
+        "import peft\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "another notice", out.stderr
 
 
 def test_hub_ids_come_from_the_local_cache_when_offline(tiny_model, tmp_path, monkeypatch):
