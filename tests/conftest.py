@@ -85,10 +85,10 @@ def scheduled(items: list, workers: int) -> list:
     sizes = [len(items) // workers] * (workers - 1) + [len(items) - (len(items) // workers) * (workers - 1)]
     rest = iter(fast)
     for part, size in zip(parts, sizes):
-        while len(part) < size:
-            part.append(next(rest))
-    ordered = [item for part in parts for item in part]
-    return ordered if len(ordered) == len(items) else slow + fast  # a part over its size: no plan
+        while len(part) < size and (item := next(rest, None)) is not None:
+            part.append(item)
+    # A part over its size, or too few fast tests to fill one (`-n 2` on a file of slow tests): no plan.
+    return [item for part in parts for item in part] if [len(p) for p in parts] == sizes else slow + fast
 
 
 def units(slow: list) -> list[list]:
