@@ -162,7 +162,7 @@ def test_alignment_tax_notebook_flags_the_run_that_forgets_and_the_run_that_over
     """Tutorial 07 in quick mode. Its two runs that make the point are the issue's tests of the outcome
     warnings: learning rate 1e-3 (five times the default) for 2 epochs takes the JSON form and loses knowledge,
     and is told so; a run whose data refuses innocent prompts too is flagged for over-refusal, with both shares.
-    The other runs (defaults, replay, the two %%sft -> %%dpo chains on refusals) train two steps here."""
+    The other runs (defaults, replay, the two %%sft -> %%dpo chains on refusals) train one step here."""
     monkeypatch.setenv("NBALIGN_QUICK", "1")
     nb = execute_notebook("07_alignment_tax.ipynb", tmp_path, kernel_name, timeout=900)
     assert_no_errors(nb)
@@ -183,9 +183,9 @@ def test_alignment_tax_notebook_flags_the_run_that_forgets_and_the_run_that_over
     assert scared.before["over_refused"] <= 0.2
     assert any(w.startswith("Over-refusal") for w in scared.warnings), scared.warnings
 
-    # The other runs train two or three steps each (0.3 epochs) and measure nothing in quick mode.
+    # The other runs train one step each (0.1 epochs) and measure nothing in quick mode.
     others = ("defaults", "replay", "refuse-sft", "refuse-dpo", "refuse-long", "refuse-fix")
-    assert all(runs[k].summary["steps"] in (2, 3) for k in others), {k: runs[k].summary.get("steps") for k in others}
+    assert all(runs[k].summary["steps"] == 1 for k in others), {k: runs[k].summary.get("steps") for k in others}
     # The evaluation's HTML is what the cells show: the table, the warnings, model text escaped.
     page = json.dumps([o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code"
                        for o in c.get("outputs", [])])
