@@ -122,17 +122,20 @@ def test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each(in_t
     """On the built-in model: one run learns the one-line JSON answers, another to refuse harmful requests; a
     weighted `cat` merge keeps at least half of each behaviour's held-out gain over the base.
 
-    Measured (greedy, 16 held-out questions, 6 held-out harmful requests): JSON run 14/16 in form, 0/6 refused;
-    refusal run 0/16, 6/6. Merged with weights [1, w], bf16 autocast: w=1 gives 0/16 and 6/6 (the refusal run,
-    trained on prose answers to innocent questions too, takes the format over), 0.5 gives 5/16 and 4/6, 0.4 gives
-    9/16 and 3/6, 0.3 gives 14/16 and 1/6; TIES (density 0.7) and DARE-TIES (0.5) at equal weights: 0/16 and 6/6.
-    In fp32 (JSON run 15/16): 0.4 gives 15/16 and 1/6, 0.5 gives 15/16 and 4/6, 0.6 gives 11/16 and 5/6."""
+    The refusal run trains 2 epochs at learning rate 1e-3 (12 steps); it was 6 epochs at the default 2e-4 (36
+    steps, 3 times as long) until 2026-12-07. Measured then (greedy, 16 held-out questions, 6 held-out harmful
+    requests), bf16 autocast: JSON run 14/16 in form, 0/6 refused; refusal run 0/16, 6/6; merged with weights
+    [1, w]: 0.2 gives 13/16 and 0/6, 0.25 11/16 and 2/6, 0.3 9/16 and 4/6, 0.35 7/16 and 4/6, 0.4 4/16 and 6/6. In
+    fp32 (JSON run 16/16): 0.3 gives 15/16 and 1/6, 0.4 15/16 and 3/6, 0.45 10/16 and 6/6, 0.5 9/16 and 6/6.
+    (The 36-step run: bf16 0.4 gave 9/16 and 3/6, fp32 0.5 15/16 and 4/6; TIES and DARE-TIES at equal weights
+    0/16 and 6/6.)"""
     from nbalign.examples import is_json_answer, json_answers, refusals
     from nbalign.outcomes import is_refusal
 
     fast = {"probe": False, "fewshot": 0, "watch": False, "eval_split": 0}  # every row trains
     json_run = json_sft_run  # the defaults (LoRA r=16, 3 epochs) on all 51 rows, trained once for three tests
-    safe_run = nbalign.sft(refusals("train"), out="runs/refuse", epochs=6, **fast)  # 3 epochs: 1/6 refused
+    # 6 of 6 held-out harmful requests refused in bf16 and in fp32 (the default learning rate needs 6 epochs).
+    safe_run = nbalign.sft(refusals("train"), out="runs/refuse", epochs=2, learning_rate=1e-3, **fast)
     questions = [r["messages"][0]["content"] for r in json_answers("heldout")]
     harmful = [r["messages"][0]["content"] for r in refusals("heldout")][0::2]
 
@@ -148,10 +151,10 @@ def test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each(in_t
         return (both[0] - base[0] >= 0.5 * (json_only[0] - base[0])
                 and both[1] - base[1] >= 0.5 * (safe_only[1] - base[1]))
 
-    # Where the balance lies moves with the number format (bf16 autocast: 0.4; fp32: 0.5 and 0.6), so the weight
-    # of the refusal run is found the way a user finds it: the first of a short sweep that keeps half of each.
+    # Where the balance lies moves with the number format (bf16 autocast: 0.3 and 0.35; fp32: 0.4 to 0.5), so the
+    # weight of the refusal run is found the way a user finds it: the first of a short sweep that keeps half of each.
     measured = {}
-    for weight in (0.4, 0.5, 0.6):
+    for weight in (0.3, 0.4, 0.5):
         merged = nbalign.merge([str(json_run.path), "runs/refuse"], weights=[1.0, weight], out=f"runs/both-{weight}")
         measured[weight] = rates(str(merged.path))
         if keeps_half(measured[weight]):
