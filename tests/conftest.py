@@ -93,7 +93,8 @@ def scheduled(items: list, workers: int) -> list:
 
 def units(slow: list) -> list[list]:
     """The slow tests in units that go to one worker together: those marked `shares(name)` read one run trained
-    once per session (helpers.shared_run), and on one worker the second waits for nothing."""
+    once per session (helpers.shared_run), or the untrained model's measurements on the same held-out data (the
+    evaluation cache), and on one worker the second waits for nothing and measures nothing twice."""
     groups: dict = {}
     for item in slow:
         mark = item.get_closest_marker("shares")

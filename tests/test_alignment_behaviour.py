@@ -43,6 +43,12 @@ WATCH = {"eval_points": 0, "eval_max_new_tokens": 32}
 HELDOUT = style_pairs("heldout")[::2]
 
 
+# Both runs start from the built-in model and are measured on HELDOUT: on one worker, the second reuses the first's
+# measurements of the untrained model (nbalign/evalcache.py; about 23 s of answers, probe and log-probs, bf16).
+same_start = pytest.mark.shares("style-heldout-before")
+
+
+@same_start
 def test_labels_given_in_the_widget_train_dpo_to_move_the_answers_not_only_the_reward(in_tmp):
     """A person's labels, given by driving the pair labeller from Python, consistently prefer the terse style;
     `nbalign.dpo(labels)` (what `%%dpo --data labels` calls) must move the held-out answers towards it. The
@@ -64,6 +70,7 @@ def test_labels_given_in_the_widget_train_dpo_to_move_the_answers_not_only_the_r
     _check(run, "dpo")
 
 
+@same_start
 def test_kto_from_thumbs_reaches_the_same_target(in_tmp):
     run = nbalign.kto(style_thumbs("train"), eval_data=HELDOUT, out="runs/kto", **WATCH)
     _check(run, "kto")
