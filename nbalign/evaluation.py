@@ -211,14 +211,14 @@ def _like(text: str, a: str, b: str) -> float:
 
 
 def measure(model, tokenizer, data: EvalData, reference, beta: float, max_new_tokens: int = 64,
-            reference_cache: dict | None = None, same_as_reference: bool = False) -> dict:
+            reference_cache: dict | None = None, same_as_reference: bool = False, known: dict | None = None) -> dict:
     """All metrics of `model` against `reference` (a context manager yielding the reference model, or None
     when none is in memory). `reference_cache` keeps the reference's own numbers between calls: they do not
     change while the policy trains. `same_as_reference`: the model is the reference (before the first step),
-    so its log-probs are the reference's and its KL is zero, without computing either twice."""
+    so its log-probs are the reference's and its KL is zero, without computing either twice. `known`: the
+    model's own measures (`model_measures`) taken earlier, used instead of measuring them again."""
     from .generation import generate_with
-    from .outcomes import probe_score
-    from .scoring import answer_kl, perplexity, sequence_logps
+    from .scoring import answer_kl, sequence_logps
 
     cache = reference_cache if reference_cache is not None else {}
     out: dict[str, Any] = {}
@@ -270,6 +270,20 @@ def measure(model, tokenizer, data: EvalData, reference, beta: float, max_new_to
                 kls = answer_kl(model, reference, tokenizer, list(heads), list(tails))
                 out["kl"] = sum(kls) / len(kls)
             out.update(answer_scores(answers, data.references))
+    out.update(known if known is not None else model_measures(model, tokenizer, data))
+    return out
+
+
+def model_measures(model, tokenizer, data: EvalData) -> dict:
+    """What depends on the model alone, not on the run's data or settings: the knowledge probe (answers and
+    score) and perplexity on the general text. An untrained model's are the same for every run that starts
+    from it, so they are kept apart in the evaluation cache (callbacks.AlignmentWatch.untrained)."""
+    from .generation import generate_with
+    from .outcomes import probe_score
+    from .scoring import perplexity
+
+    out: dict[str, Any] = {}
+    with _eval_mode(model):
         if data.probe:
             asked = generate_with(model, tokenizer, [q for q, _ in data.probe], max_new_tokens=PROBE_TOKENS)
             out.update(probe_score(asked, data.probe), probe_answers=asked, probe_questions=[q for q, _ in data.probe])

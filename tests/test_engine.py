@@ -261,8 +261,9 @@ def test_the_summary_says_where_the_time_went(tiny_model, in_tmp, monkeypatch, c
 
 def test_the_untrained_models_numbers_are_measured_once_per_model_and_data(tiny_model, in_tmp, monkeypatch, capsys):
     """A second run from the same model files on the same evaluation data reuses the first run's "before" and
-    prompting numbers (and says so) instead of measuring them again; other data, another start model (a run) or
-    NBALIGN_EVAL_CACHE=0 measure anew."""
+    prompting numbers (and says so) instead of measuring them again; other data measures its answers anew but
+    keeps the model's own measures (perplexity, the probe); another start model (a run) or NBALIGN_EVAL_CACHE=0
+    measure everything anew."""
     import nbalign.evaluation
 
     real, calls = nbalign.evaluation.measure, []
@@ -287,11 +288,18 @@ def test_the_untrained_models_numbers_are_measured_once_per_model_and_data(tiny_
     assert json.loads((in_tmp / "runs/b/evaluation_before.json").read_text())["answers"] == first.evaluation.before[
         "answers"]
 
-    nbalign.sft(chats(8), eval_data=chats(5), out="runs/c", **options)  # other data: measured
+    third = nbalign.sft(chats(8), eval_data=chats(5), out="runs/c", **options)  # other data: measured...
     assert calls[-2:] == [True, False]
-    nbalign.sft(chats(8), model="runs/a", eval_data=chats(4), out="runs/d", epochs=1, batch_size=4, eval_points=0,
-                probe=False, fewshot=2)  # from a run: its adapter's files are part of the start
+    assert len(third.evaluation.before["answers"]) == 5
+    # ...but what depends on the model alone (here the general text's perplexity; the probe too when on) is kept.
+    assert "knowledge probe and general-text perplexity are reused" in capsys.readouterr().out
+    assert third.evaluation.before["perplexity"] == first.evaluation.before["perplexity"]
+    fourth = nbalign.sft(chats(8), model="runs/a", eval_data=chats(4), out="runs/d", epochs=1, batch_size=4,
+                         eval_points=0, probe=False, fewshot=2)  # from a run: its adapter's files are part of the start
     assert calls[-2:] == [True, False]
+    assert "reused" not in capsys.readouterr().out
+    assert fourth.evaluation.before["perplexity"] != first.evaluation.before["perplexity"]
     monkeypatch.setenv("NBALIGN_EVAL_CACHE", "0")
     nbalign.sft(chats(8), eval_data=chats(4), out="runs/e", **options)
     assert calls[-2:] == [True, False]
+    assert "reused" not in capsys.readouterr().out
