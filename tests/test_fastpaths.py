@@ -195,3 +195,55 @@ def test_models_that_are_not_all_fp32_keep_peft_s_input_cast():
     peft_model = apply_adapter(model, AdapterSpec(r=4), seed=0)
     layers = [m for m in peft_model.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert layers and all(m.cast_input_dtype_enabled for m in layers)
+
+
+def test_frozen_linears_cast_once_under_autocast_give_the_same_loss_gradients_and_generations():
+    """Autocast casts a frozen weight again at every pass; `cast_frozen_once` keeps one bf16 copy per weight for
+    the run, the values autocast makes, so nothing a run computes changes, bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nbalign.adapters import AdapterSpec
+    from nbalign.models import apply_adapter
+
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(1))
+
+    def run(once: bool):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+        peft_model = apply_adapter(model, AdapterSpec(r=4, dropout=0.1), seed=0)
+        with torch.no_grad():  # B = 0 at the start: give the adapters a say, so their gradients are compared too
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        if once:
+            assert fastpaths.cast_frozen_once(peft_model) == 15  # 14 adapted layers' base weights and the head
+        torch.manual_seed(2)  # the same dropout masks on both sides
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = peft_model(input_ids=ids, labels=ids).loss
+        kept = {k: v[2] for k, v in fastpaths._KEPT.items()}
+        loss.backward()
+        peft_model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = peft_model.generate(input_ids=ids[:, :4], max_new_tokens=6, do_sample=False)
+        reused = all(fastpaths._KEPT[k][2] is v for k, v in kept.items())
+        grads = [p.grad for p in peft_model.parameters() if p.requires_grad]
+        fastpaths.forget_casts()
+        return loss.detach(), grads, out, len(kept), reused, peft_model
+
+    (loss, grads, out, _, _, _), (once_loss, once_grads, once_out, n_kept, reused, model) = run(False), run(True)
+    assert n_kept == 15 and reused  # one copy per frozen weight, made at the first pass and used at each after
+    assert torch.equal(loss, once_loss) and torch.equal(out, once_out)
+    assert len(grads) == 28 and all(torch.equal(a, x) for a, x in zip(grads, once_grads))
+    with torch.no_grad():
+        model(input_ids=ids)  # outside autocast: the fp32 weights themselves, no copy
+    assert not fastpaths._KEPT
+
+
+def test_a_model_whose_weights_train_keeps_autocasts_own_casts():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert fastpaths.cast_frozen_once(model) == 0  # full fine-tuning: every weight trains
+    assert fastpaths.cast_frozen_once(model.to(torch.bfloat16).requires_grad_(False)) == 0  # bf16 weights: no cast

@@ -261,7 +261,7 @@ def _train(method: Method, plan: Plan, main: bool = True) -> NbalignError | None
     (`main`) of a distributed run writes to the run folder, measures and shows; the others only train."""
     from ..callbacks import InterruptGuard, LiveProgress, MetricsWriter, StopOnInterrupt
     from ..devices import free_memory
-    from ..fastpaths import forget_casts, install_head, use_segment_attention
+    from ..fastpaths import cast_frozen_once, forget_casts, install_head, use_segment_attention
 
     out = plan.out
     guard = InterruptGuard()
@@ -274,6 +274,7 @@ def _train(method: Method, plan: Plan, main: bool = True) -> NbalignError | None
             install_head()  # on a CPU, TRL's fused LM head scores only the read positions (fastpaths.py)
             model = state["model"] = method.load_model(plan)
             use_segment_attention(model, plan.device)  # a flattened row's examples attend each on its own
+            cast_frozen_once(model)  # under autocast, frozen weights cast to bf16 once, not at every pass
             extras = method.extra_callbacks(plan) if main else []
             shown = [MetricsWriter(out), *extras, LiveProgress(f"{method.name} {out.name}")] if main else []
             callbacks = [*shown, StopOnInterrupt(guard)]
