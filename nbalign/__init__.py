@@ -24,7 +24,10 @@ class _OptionalKernelNotices(logging.Filter):
     bitsandbytes that it could not load the kernel. Only those two are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot format is the handler's to report, not ours
+            return True
         return not ("'kernels-community/quantization-bitsandbytes'" in text
                     or text.startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
 

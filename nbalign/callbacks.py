@@ -233,7 +233,11 @@ class AlignmentWatch(TrainerCallback):
     def measure(self, model, state, known: dict | None = None) -> dict:
         from .devices import release_heap
         from .evaluation import measure, separate
+        from .fastpaths import forget_casts
 
+        # The frozen weights' bf16 copies serve the training steps under autocast; the evaluation runs in fp32 and
+        # would hold them beside its own peak (about 210 MiB on the built-in model): made again at the next step.
+        forget_casts()
         # What the training steps freed goes back to the system first: glibc keeps it in the heap, and the
         # evaluation's large log-prob chunks (fresh mappings) would land on top of it (SFT, one row per step:
         # 2,225 MiB peak resident without this, 1,910 with it; the training step's own peak is 1,895).

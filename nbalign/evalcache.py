@@ -56,7 +56,7 @@ class StartModel:
     identity: str
 
     @classmethod
-    def of(cls, ref, adapter, device) -> StartModel:
+    def of(cls, ref, adapter, device, seed: int | None = None) -> StartModel:
         import torch
         import transformers
 
@@ -66,6 +66,10 @@ class StartModel:
             "device": str(device),
             "versions": [torch.__version__, transformers.__version__, _code_hash()],
         }
+        if getattr(adapter, "type", None) in ("prefix", "prompt"):
+            # The untrained model answers through the adapter's virtual tokens, drawn at random from the seed (a
+            # fresh LoRA, DoRA or IA3 adapter leaves the base's answers as they were): those are part of the start.
+            payload["adapter"] = [adapter.to_dict(), seed]
         return cls(json.dumps(payload, sort_keys=True, default=str))
 
 

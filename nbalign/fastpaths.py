@@ -243,7 +243,10 @@ class CastOnceLinear(torch.nn.Linear):
 
 def cast_frozen_once(model) -> int:
     """Give every frozen fp32 `nn.Linear` on the CPU (a LoRA model's base layers, the head) `CastOnceLinear`'s
-    forward; returns how many. The model is the run's own, and the kept copies go with `forget_casts`."""
+    forward; returns how many. The model is the run's own, and the kept copies go with `forget_casts` (before each
+    evaluation and at the run's end). A copy is made again when the weight's storage or version counter changes;
+    a write through `.data` (peft's in-place adapter merge) moves neither, so nothing may merge into the base
+    weights during a run (nothing in a run does: merging happens on loaded parents, before this)."""
     changed = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)

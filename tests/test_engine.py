@@ -267,18 +267,25 @@ def test_the_untrained_models_numbers_are_measured_once_per_model_and_data(tiny_
     import nbalign.evaluation
 
     real, calls = nbalign.evaluation.measure, []
+    real_own, own_calls = nbalign.evaluation.model_measures, []
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("same_as_reference", False))
         return real(*args, **kwargs)
 
+    def counted_own(*args, **kwargs):
+        own_calls.append(1)
+        return real_own(*args, **kwargs)
+
     monkeypatch.setattr(nbalign.evaluation, "measure", counted)
+    monkeypatch.setattr(nbalign.evaluation, "model_measures", counted_own)
     monkeypatch.setenv("NBALIGN_EVAL_CACHE", str(in_tmp / "cache"))
     nbalign.lora(model=tiny_model, r=4)
     options = dict(model=tiny_model, epochs=1, batch_size=4, eval_points=0, probe=False, fewshot=2)
 
     first = nbalign.sft(chats(8), eval_data=chats(4), out="runs/a", **options)
     assert calls == [True, False]  # before, after
+    assert len(own_calls) == 2  # the model's own measures (perplexity here), before and after
     assert "reused" not in capsys.readouterr().out
     again = nbalign.sft(chats(8), eval_data=chats(4), out="runs/b", learning_rate=1e-3, **options)
     assert calls == [True, False, False]  # only after: the same base, data and settings
@@ -290,16 +297,68 @@ def test_the_untrained_models_numbers_are_measured_once_per_model_and_data(tiny_
 
     third = nbalign.sft(chats(8), eval_data=chats(5), out="runs/c", **options)  # other data: measured...
     assert calls[-2:] == [True, False]
+    assert len(own_calls) == 2 + 1 + 1  # runs/b measured its after only; runs/c too: its before's were kept
     assert len(third.evaluation.before["answers"]) == 5
     # ...but what depends on the model alone (here the general text's perplexity; the probe too when on) is kept.
     assert "knowledge probe and general-text perplexity are reused" in capsys.readouterr().out
     assert third.evaluation.before["perplexity"] == first.evaluation.before["perplexity"]
     fourth = nbalign.sft(chats(8), model="runs/a", eval_data=chats(4), out="runs/d", epochs=1, batch_size=4,
                          eval_points=0, probe=False, fewshot=2)  # from a run: its adapter's files are part of the start
-    assert calls[-2:] == [True, False]
+    assert calls[-2:] == [True, False] and len(own_calls) == 4 + 2
     assert "reused" not in capsys.readouterr().out
     assert fourth.evaluation.before["perplexity"] != first.evaluation.before["perplexity"]
     monkeypatch.setenv("NBALIGN_EVAL_CACHE", "0")
     nbalign.sft(chats(8), eval_data=chats(4), out="runs/e", **options)
     assert calls[-2:] == [True, False]
     assert "reused" not in capsys.readouterr().out
+
+
+def test_a_prefix_or_prompt_runs_untrained_numbers_are_its_own(tiny_model):
+    """A fresh LoRA, DoRA or IA3 adapter leaves the base's answers as they were, but a fresh prefix or prompt
+    adapter answers through virtual tokens drawn at random from the seed: the untrained numbers kept for reuse
+    (evalcache) are those of its own adapter settings and seed, not of another run's adapter."""
+    from nbalign.adapters import AdapterSpec
+    from nbalign.devices import pick_device
+    from nbalign.evalcache import StartModel
+    from nbalign.models import resolve
+
+    ref, device = resolve(tiny_model), pick_device()
+
+    def key(seed=0, **adapter):
+        return StartModel.of(ref, AdapterSpec(**adapter), device, seed).identity
+
+    assert key(type="lora") == key(seed=1, type="lora", r=4) == key(type="dora") == key(type="ia3")
+    prompt = key(type="prompt")
+    assert prompt == key(type="prompt")  # the same cell again: reused
+    assert len({prompt, key(type="lora"), key(type="prefix"), key(seed=1, type="prompt"),
+                key(type="prompt", virtual_tokens=8)}) == 5
+
+
+def test_the_training_steps_bf16_weight_copies_are_dropped_before_each_evaluation(tiny_model, in_tmp, monkeypatch):
+    """Under CPU bf16 autocast the frozen weights' bf16 copies are kept across training steps (fastpaths); the
+    evaluation runs in fp32, so it must not hold them beside its own peak."""
+    import nbalign.evaluation
+    from nbalign import fastpaths
+
+    monkeypatch.setenv("NBALIGN_CPU_BF16", "1")  # autocast on any CPU (emulated where there is no bf16: tiny model)
+    monkeypatch.setenv("NBALIGN_EVAL_CACHE", "0")
+    held_at_forget, held_at_measure = [], []
+    real_forget, real_measure = fastpaths.forget_casts, nbalign.evaluation.measure
+
+    def forget():
+        held_at_forget.append(len(fastpaths._KEPT))
+        real_forget()
+
+    def measure(*args, **kwargs):
+        held_at_measure.append(len(fastpaths._KEPT))
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(fastpaths, "forget_casts", forget)
+    monkeypatch.setattr(nbalign.evaluation, "measure", measure)
+    nbalign.lora(model=tiny_model, r=4)
+    run = nbalign.sft(chats(8), eval_data=chats(4), model=tiny_model, out="runs/a", epochs=2, batch_size=4,
+                      eval_points=2, probe=False, fewshot=0)
+    assert run.status == "finished"
+    assert len(held_at_measure) >= 3 and not any(held_at_measure), held_at_measure  # before, during, after
+    assert max(held_at_forget) >= 14, held_at_forget  # the steps did keep them: 2 layers x 7, and the head
+    assert not fastpaths._KEPT

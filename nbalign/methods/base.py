@@ -301,6 +301,7 @@ def _train(method: Method, plan: Plan, main: bool = True) -> NbalignError | None
         if main and not guard.requested:
             try:
                 with clock.phase("evaluation"):
+                    forget_casts()  # the training steps' bf16 copies: the evaluation runs in fp32
                     summary.update(method.finish(plan, trainer))
             except KeyboardInterrupt:
                 summary["evaluation"] = "skipped: interrupted"

@@ -9,7 +9,7 @@ def start_model(plan):
     from ..evalcache import StartModel
 
     try:
-        return StartModel.of(plan.ref, plan.adapter, plan.device)
+        return StartModel.of(plan.ref, plan.adapter, plan.device, plan.spec.seed)
     except OSError:
         return None
 
