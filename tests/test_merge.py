@@ -152,9 +152,11 @@ def test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each(in_t
                 and both[1] - base[1] >= 0.5 * (safe_only[1] - base[1]))
 
     # Where the balance lies moves with the number format (bf16 autocast: 0.3 and 0.35; fp32: 0.4 to 0.5), so the
-    # weight of the refusal run is found the way a user finds it: the first of a short sweep that keeps half of each.
+    # weight of the refusal run is found the way a user finds it: the first of a short sweep that keeps half of each;
+    # its steps are 0.05 apart, so a CPU whose rounding moves the balance a little still finds it (the sweep stops
+    # at the first weight that keeps half: the steps after it cost nothing).
     measured = {}
-    for weight in (0.3, 0.4, 0.5):
+    for weight in (0.3, 0.35, 0.4, 0.45, 0.5):
         merged = nbalign.merge([str(json_run.path), "runs/refuse"], weights=[1.0, weight], out=f"runs/both-{weight}")
         measured[weight] = rates(str(merged.path))
         if keeps_half(measured[weight]):
