@@ -54,7 +54,8 @@ LONGEST = {
     "test_reward_model_learns_the_terse_style_on_the_builtin_model": 61,
     "test_the_estimate_is_within_a_quarter_of_the_measured_peak": 94,
     "test_two_cpu_processes_under_accelerate_reach_the_single_process_loss": 22,
-    "test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each": 115,  # its shared JSON run (shares) counts under the test above
+    # Without its shared JSON run, which counts under test_sft_teaches_the_builtin_model_a_one_line_json_format.
+    "test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each": 115,
     "test_each_type_moves_the_builtin_model_toward_the_data": 55,
     "test_the_builtin_model_tuned_exports_to_gguf_and_gives_the_runs_greedy_answers": 55,
     "test_merge_and_export_notebook_merges_compares_chats_and_exports": 153,
