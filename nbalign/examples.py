@@ -1,7 +1,9 @@
 """Small built-in data sets for the demo, the tutorials, the tests and the benchmarks.
 
 `json_answers`: questions answered as a one-line JSON object {"answer": ..., "category": ...}. The
-built-in model answers these in prose, so whether tuning taught the format is easy to measure.
+built-in model answers these in prose, so whether tuning taught the format is easy to measure. With
+`reasoning=True` the object leads up to its answer with a sentence first ({"reasoning": ..., "answer": ...,
+"category": ...}): the form in which the built-in model keeps its answers right (see json_answers).
 """
 
 from __future__ import annotations
@@ -22,36 +24,44 @@ _SUMS = [(7, 5), (12, 9), (3, 4), (20, 22), (15, 6), (8, 8), (31, 11), (9, 14), 
 _OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
               ("early", "late"), ("full", "empty"), ("open", "closed"), ("strong", "weak"), ("high", "low"),
               ("young", "old"), ("wet", "dry"), ("rich", "poor"), ("push", "pull"), ("day", "night")]
-_SCIENCE = [
-    ("What gas do plants absorb from the air?", "carbon dioxide"),
-    ("What is the largest planet in the solar system?", "Jupiter"),
-    ("At what temperature in Celsius does water boil at sea level?", "100"),
-    ("What is the chemical symbol for gold?", "Au"),
-    ("How many legs does a spider have?", "8"),
-    ("What force keeps us on the ground?", "gravity"),
-    ("What is the closest star to Earth?", "the Sun"),
-    ("What organ pumps blood through the body?", "the heart"),
-    ("What is H2O commonly called?", "water"),
-    ("Which planet is known as the Red Planet?", "Mars"),
-    ("How many days does the Earth take to orbit the Sun?", "365"),
-    ("What is the hardest natural material?", "diamond"),
-    ("What do bees make?", "honey"),
-    ("What is frozen water called?", "ice"),
-    ("How many continents are there?", "7"),
+_SCIENCE = [  # (question, answer, a sentence that leads up to the answer: the `reasoning` form's first field)
+    ("What gas do plants absorb from the air?", "carbon dioxide", "Plants absorb carbon dioxide from the air."),
+    ("What is the largest planet in the solar system?", "Jupiter",
+     "The largest planet in the solar system is Jupiter."),
+    ("At what temperature in Celsius does water boil at sea level?", "100",
+     "At sea level water boils at 100 degrees Celsius."),
+    ("What is the chemical symbol for gold?", "Au", "The chemical symbol for gold is Au."),
+    ("How many legs does a spider have?", "8", "A spider has 8 legs."),
+    ("What force keeps us on the ground?", "gravity", "Gravity keeps us on the ground."),
+    ("What is the closest star to Earth?", "the Sun", "The closest star to Earth is the Sun."),
+    ("What organ pumps blood through the body?", "the heart", "The heart pumps blood through the body."),
+    ("What is H2O commonly called?", "water", "H2O is commonly called water."),
+    ("Which planet is known as the Red Planet?", "Mars", "Mars is known as the Red Planet."),
+    ("How many days does the Earth take to orbit the Sun?", "365", "The Earth takes 365 days to orbit the Sun."),
+    ("What is the hardest natural material?", "diamond", "The hardest natural material is diamond."),
+    ("What do bees make?", "honey", "Bees make honey."),
+    ("What is frozen water called?", "ice", "Frozen water is called ice."),
+    ("How many continents are there?", "7", "There are 7 continents."),
 ]
 
 
-def _row(question: str, answer: str, category: str) -> dict:
-    completion = json.dumps({"answer": answer, "category": category})
+def _row(question: str, answer: str, category: str, lead: str | None = None) -> dict:
+    fields = ({"reasoning": lead} if lead is not None else {}) | {"answer": answer, "category": category}
+    completion = json.dumps(fields)
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": completion}]}
 
 
-def _all_rows() -> list[list[dict]]:
+def _all_rows(reasoning: bool = False) -> list[list[dict]]:
+    def lead(sentence: str) -> str | None:
+        return sentence if reasoning else None
+
     groups = [
-        [_row(f"What is the capital of {c}?", city, "geography") for c, city in _CAPITALS],
-        [_row(f"What is {a} plus {b}?", str(a + b), "math") for a, b in _SUMS],
-        [_row(f"What is the opposite of '{w}'?", o, "language") for w, o in _OPPOSITES],
-        [_row(q, a, "science") for q, a in _SCIENCE],
+        [_row(f"What is the capital of {c}?", city, "geography", lead(f"The capital of {c} is {city}."))
+         for c, city in _CAPITALS],
+        [_row(f"What is {a} plus {b}?", str(a + b), "math", lead(f"{a} plus {b} is {a + b}.")) for a, b in _SUMS],
+        [_row(f"What is the opposite of '{w}'?", o, "language", lead(f"The opposite of '{w}' is '{o}'."))
+         for w, o in _OPPOSITES],
+        [_row(q, a, "science", lead(sentence)) for q, a, sentence in _SCIENCE],
     ]
     return groups
 
@@ -65,22 +75,25 @@ def _split(groups: list[list[dict]], split: str) -> list[dict]:
     raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
 
 
-def json_answers(split: str = "train") -> list[dict]:
-    """Conversations in the `messages` format. "train": 51 rows; "heldout": 16 others (4 per category)."""
-    return _split(_all_rows(), split)
+def json_answers(split: str = "train", reasoning: bool = False) -> list[dict]:
+    """Conversations in the `messages` format. "train": 51 rows; "heldout": 16 others (4 per category).
+
+    `reasoning=True`: the same answers with a first field that leads up to them, {"reasoning": "The capital of
+    Poland is Warsaw.", "answer": "Warsaw", "category": "geography"}. The built-in model knows its facts in
+    sentences that restate the question ("The capital of Poland is Warsaw") and loses some of them when it must
+    give the answer first (notebooks/07_alignment_tax.ipynb measures both forms)."""
+    return _split(_all_rows(reasoning), split)
 
 
-def is_json_answer(text: str) -> bool:
-    """True when `text` is exactly one JSON object with a string `answer` and a string `category`."""
+def is_json_answer(text: str, reasoning: bool = False) -> bool:
+    """True when `text` is exactly one JSON object with a string `answer` and a string `category` (and, with
+    `reasoning=True`, a string `reasoning`), each non-empty."""
     try:
         value = json.loads(text.strip())
     except ValueError:
         return False
-    return (
-        isinstance(value, dict)
-        and set(value) == {"answer", "category"}
-        and all(isinstance(v, str) and v for v in value.values())
-    )
+    keys = {"reasoning", "answer", "category"} if reasoning else {"answer", "category"}
+    return isinstance(value, dict) and set(value) == keys and all(isinstance(v, str) and v for v in value.values())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,7 +123,7 @@ def _plain_questions() -> list[list[tuple[str, str, str]]]:
         [(f"What is {a} plus {b}?", str(a + b), f"adding {a} and {b} together gives {a + b}") for a, b in _SUMS],
         [(f"What is the opposite of '{w}'?", o, f"the word most people use as the opposite of '{w}' is '{o}'")
          for w, o in _OPPOSITES],
-        [(q, a, f"the answer to that is {a}") for q, a in _SCIENCE],
+        [(q, a, f"the answer to that is {a}") for q, a, _ in _SCIENCE],
     ]
 
 

@@ -60,6 +60,20 @@ def significant_loss(before: list | None, after: list | None, level: float = 0.0
     return lost - gained >= 2 and p < level
 
 
+def form_costs_content(before: dict, prompting: dict | None, after: dict | None = None) -> bool:
+    """Prompting alone (k-shot, no training) put the answers in the reference form and carried fewer of their
+    contents than the untrained model's own answers, and the tuned model (when given) is within one answer of that
+    prompting: the form, more than the training, is what costs the facts (a small model that knows "The capital of
+    Poland is Warsaw" as a sentence may not give "Warsaw" first). Not for refusal tasks, whose content is refusing."""
+    if not prompting or not {"form_n", "content_n", "n"} <= set(prompting) or "content_n" not in before:
+        return False
+    if "refused" in before or prompting["n"] != before.get("n", prompting["n"]):
+        return False
+    if after is not None and after.get("content_n", 0) < prompting["content_n"] - 1:
+        return False  # training lost more than the form explains
+    return prompting["form_n"] >= 0.8 * prompting["n"] and prompting["content_n"] < before["content_n"]
+
+
 def drop(before: dict, after: dict, key: str) -> int:
     """How many fewer right answers `after` has than `before` (counts), 0 when not measured."""
     got = COUNTS[key][0]
@@ -111,11 +125,23 @@ class Evaluation:
         """What the behaviour asked for changed, and what it cost: form against content, the probe, refusals."""
         b, a, notes = self.before, self.after, []
         fix = "lower the learning rate or epochs, or mix general data back in (replay: 0.2)"
+        p = self.baseline
         if a.get("form_n", 0) > b.get("form_n", 0) and drop(b, a, "content") >= max(1, round(0.1 * a.get("n", 0))):
+            if form_costs_content(b, p, a):
+                cause = (
+                    f"{p['k']}-shot prompting in that form, with no training, carries fewer too ({shown(b, 'content')}"
+                    f" -> {shown(p, 'content')}), and the tuned model about as many: the form itself seems to cost this "
+                    "model these answers, and lower learning rates or replay may not bring them back. A form that "
+                    "lets the model lead up to the answer may keep them: for JSON, a first field where it restates "
+                    "what is asked (\"reasoning\": \"The capital of Poland is Warsaw.\", then \"answer\"); try it "
+                    "with prompting first (fewshot)"
+                )
+            else:
+                cause = f"Read the answers below; {fix}"
             notes.append(
                 f"The answers took the reference form ({shown(b, 'form')} -> {shown(a, 'form')}) but fewer carry "
                 f"its content ({shown(b, 'content')} -> {shown(a, 'content')}): the model learnt the format and "
-                f"lost the facts it was meant to carry. Read the answers below; {fix}."
+                f"lost the facts it was meant to carry. {cause}."
             )
         if significant_loss(b.get("probe_right"), a.get("probe_right")):
             notes.append(
@@ -134,7 +160,6 @@ class Evaluation:
                 f"{a['degenerate']:.0%} of the answers are degenerate (empty or one phrase repeated): the run "
                 f"over-fitted; {fix}."
             )
-        p = self.baseline
         if p and "form_n" in p and "form_n" in a and p["form_n"] >= a["form_n"] and p.get("content_n", 0) >= a.get(
                 "content_n", 0) and p["form_n"] > b.get("form_n", 0):
             notes.append(

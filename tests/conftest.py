@@ -40,11 +40,12 @@ def pytest_collection_modifyitems(config, items):
 # Seconds the longest tests took in `make test` (one thread each, bf16 CPU): a scheduling hint only. A wrong or
 # missing entry costs time, never a result; other slow tests count as 40 s, fast ones as 1 s.
 LONGEST = {
-    "test_alignment_tax_notebook_flags_the_run_that_forgets_and_the_run_that_over_refuses": 206,
+    "test_alignment_tax_notebook_flags_the_run_that_forgets_and_the_run_that_over_refuses": 215,
     "test_kto_from_thumbs_reaches_the_same_target": 187,
     "test_labels_given_in_the_widget_train_dpo_to_move_the_answers_not_only_the_reward": 158,
     "test_dpo_notebook_runs_the_defaults_the_sweep_and_pure_dpo": 60,
     "test_sft_teaches_the_builtin_model_a_one_line_json_format": 113,
+    "test_a_form_that_leads_up_to_the_answer_keeps_the_held_out_answers_right": 80,
     "test_lora_sft_notebook_runs_and_teaches_the_format": 57,
     "test_rlhf_notebook_trains_against_a_function_and_a_reward_model": 96,
     "test_kto_notebook_balances_thumbs_and_unpairs_pairs": 40,

@@ -7,7 +7,7 @@ from helpers import live_models
 
 import nbalign
 from nbalign.examples import is_json_answer, json_answers
-from nbalign.results import significant_loss
+from nbalign.results import form_costs_content, significant_loss
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +46,31 @@ def test_sft_teaches_the_builtin_model_a_one_line_json_format(json_sft_run):
     assert any("lost the facts" in w for w in evaluation.warnings) == (lost >= 2), (lost, evaluation.warnings)
     forgot = significant_loss(evaluation.before["probe_right"], evaluation.after["probe_right"])
     assert any("knowledge probe dropped" in w for w in evaluation.warnings) == forgot, evaluation.warnings
+    # Where prompting in the same form lost answers too, the warning puts the blame on the form and names the fix.
+    if lost >= 2 and form_costs_content(evaluation.before, evaluation.baseline, evaluation.after):
+        named = [w for w in evaluation.warnings if "the form itself seems to cost" in w and '"reasoning"' in w]
+        assert named, evaluation.warnings
+
+
+def test_a_form_that_leads_up_to_the_answer_keeps_the_held_out_answers_right(in_tmp):
+    """The same task in a form with a first field that restates the question, {"reasoning": "The capital of Poland
+    is Warsaw.", "answer": "Warsaw", ...} (json_answers(reasoning=True)): the built-in model learns the form AND
+    carries at least as many right answers as its own prose did, which the answer-first form never reached.
+    Measured (content: both fields must hold the reference's words): batch size 4, 3 epochs, 39 steps: form 0/16 ->
+    16/16, content 7/16 -> 10/16 in bf16 autocast and in fp32 alike; 6 epochs at batch size 8 (42 steps, the demo's
+    and notebook 07's run): 16/16 and 10/16; 4 epochs at 8: 13/16 and 9/16; the defaults (3 epochs at 8, 21 steps)
+    have not learnt the three-times-longer target yet (0/16 in form, 8/16 right); 3-shot prompting in this form
+    15/16 and 8/16. The knowledge probe still drops (20/20 -> 13-14/20; not measured here)."""
+    train, heldout = json_answers("train", reasoning=True), json_answers("heldout", reasoning=True)
+    # Batch size 4 at the default 3 epochs (39 steps): the same result as 6 epochs at 8 (42 steps) for half the work.
+    run = nbalign.sft(train, eval_data=heldout, out="runs/reasoned", batch_size=4, eval_points=0, fewshot=0, probe=False)
+    evaluation = run.evaluation
+    before, after = evaluation.before, evaluation.after
+    print(evaluation)
+    assert before["form_n"] == 0 and before["content_n"] >= 6  # the base answers in prose, often right
+    assert sum(is_json_answer(a, reasoning=True) for a in after["answers"]) >= 13, after["answers"]  # >= 80%
+    assert after["content_n"] >= before["content_n"], (before["answers"], after["answers"])
+    assert not [w for w in evaluation.warnings if "lost the facts" in w], evaluation.warnings
 
 
 def test_rerunning_a_training_cell_does_not_grow_memory(in_tmp):

@@ -123,6 +123,27 @@ def test_warnings_say_which_happened():
     assert any(w.startswith("Over-refusal: 50%") for w in over.warnings)
 
 
+def test_when_prompting_in_the_form_loses_the_facts_too_the_warning_names_the_form_not_the_training():
+    """The JSON demo's numbers: the base 7/16 right in prose; 3-shot prompting in the answer-first form 16/16 in
+    form but 6/16 right; tuned 15/16 and 5/16. Lower learning rates, more epochs and replay all measured 4-6 right
+    there, so the advice is the form (a field that leads up to the answer), not the training settings."""
+    before = {"form_n": 0, "form": 0, "content_n": 7, "content": 7 / 16}
+    after = {"form_n": 15, "form": 15 / 16, "content_n": 5, "content": 5 / 16}
+    prompting = {"k": 3, "n": 16, "form_n": 16, "form": 1.0, "content_n": 6, "content": 6 / 16}
+    text = next(w for w in _evaluation(before, after, prompting).warnings if "took the reference form" in w)
+    assert "3-shot prompting in that form, with no training, carries fewer too (7/16 -> 6/16)" in text
+    assert "form itself seems to cost" in text and '"reasoning"' in text and "lower the learning rate" not in text
+    # Prompting kept the facts, never reached the form, or the tuned model lost far more than prompting did, or it
+    # is a refusal task: the training is the suspect, and the advice says so.
+    lost_more = {**after, "content_n": 2, "content": 2 / 16}
+    refusing = {**before, "refused": 0.0, "over_refused": 0.0}
+    for b, a, baseline in ((before, after, {**prompting, "content_n": 7, "content": 7 / 16}),
+                           (before, after, {**prompting, "form_n": 9, "form": 9 / 16}),
+                           (before, after, None), (before, lost_more, prompting), (refusing, after, prompting)):
+        text = next(w for w in _evaluation(b, a, baseline).warnings if "took the reference form" in w)
+        assert "lower the learning rate or epochs" in text and "form itself" not in text, (a, baseline)
+
+
 def test_a_saved_evaluation_loads_with_the_same_warnings_and_verdicts(tmp_path):
     """run.evaluation reads evaluation.json back: the probe's verdicts come with it, so the warnings the cell
     shows are the ones the run printed (the probe's warning was lost on reload before)."""
