@@ -1,4 +1,5 @@
-"""`python -m nbalign demo`: a real LoRA SFT run on the built-in model, with base vs tuned answers.
+"""`python -m nbalign demo`: a real LoRA SFT run on the built-in model, with base vs tuned answers (`--reasoning`:
+the same task in a form that leads up to each answer, which keeps the held-out answers right).
 `python -m nbalign runs`: list past runs.
 `python -m nbalign run runs/x/spec.json --out runs/x2`: the same run again, in this process, from the file."""
 
@@ -9,14 +10,23 @@ import os
 import sys
 
 
-def demo(out: str, epochs: float | None) -> int:
+# The reasoning-first form's target is three times longer than the answer-first one's: 3 epochs (21 steps) have
+# not learnt it yet (0/16 in form, measured); 6 (42 steps) give 16/16 in form and 10/16 right (tests/test_behaviour.py).
+REASONING_EPOCHS = 6.0
+DEMO_OUT = "runs/demo-json-sft"
+
+
+def demo(out: str, epochs: float | None, reasoning: bool = False) -> int:
     import nbalign
     from nbalign.examples import json_answers
 
-    train, heldout = json_answers("train"), json_answers("heldout")
-    print(f"Teaching smollm2-135m to answer as one-line JSON: {len(train)} examples, {len(heldout)} held out.")
+    train, heldout = json_answers("train", reasoning), json_answers("heldout", reasoning)
+    form = '{"reasoning": ..., "answer": ..., "category": ...}' if reasoning else "one-line JSON"
+    print(f"Teaching smollm2-135m to answer as {form}: {len(train)} examples, {len(heldout)} held out.")
+    epochs = epochs or (REASONING_EPOCHS if reasoning else None)
     options = {"epochs": epochs} if epochs else {}
-    # nbalign's defaults throughout: the %sft line with --data, --eval-data and --out and nothing else.
+    # nbalign's defaults throughout: the %sft line with --data, --eval-data and --out and nothing else (and, for the
+    # reasoning-first form, `epochs: 6`).
     run = nbalign.sft(train, eval_data=heldout, out=out, overwrite=True, **options)
     evaluation = run.evaluation
     if evaluation is None:
@@ -32,6 +42,9 @@ def demo(out: str, epochs: float | None) -> int:
     print(f"\nheld-out answers the base got right and the tuned model got wrong: {len(lost)}"
           + (f" ({'; '.join(lost)})" if lost else ""))
     print(run)
+    if not reasoning and any("the form itself seems to cost" in w for w in evaluation.warnings):
+        print("\nThe same data with a first field that leads up to the answer keeps the held-out answers: python -m "
+              "nbalign demo --reasoning (6 epochs, a few minutes).")
     return 0 if run.status == "finished" else 1
 
 
@@ -39,8 +52,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nbalign")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="LoRA SFT of the built-in model on a JSON answer format")
-    d.add_argument("--out", default="runs/demo-json-sft")
-    d.add_argument("--epochs", type=float, default=None, help="default: %%sft's own default")
+    d.add_argument("--out", default=None, help=f"the run folder (default {DEMO_OUT}, or {DEMO_OUT}-reasoning)")
+    d.add_argument("--epochs", type=float, default=None,
+                   help="default: %%sft's own default (6 with --reasoning)")
+    d.add_argument("--reasoning", action="store_true",
+                   help="the same answers with a first field that leads up to them: the form that keeps them right")
     r = sub.add_parser("runs", help="list past runs")
     r.add_argument("root", nargs="?", default="runs")
     p = sub.add_parser("run", help="train a saved spec again: a run folder or its spec.json")
@@ -52,7 +68,8 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "demo":
-            return demo(args.out, args.epochs)
+            out = args.out or (f"{DEMO_OUT}-reasoning" if args.reasoning else DEMO_OUT)
+            return demo(out, args.epochs, args.reasoning)
         import nbalign
 
         if args.command == "run":
