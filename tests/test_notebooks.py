@@ -162,12 +162,13 @@ def test_alignment_tax_notebook_flags_the_run_that_forgets_and_the_run_that_over
     """Tutorial 07 in quick mode. Its two runs that make the point are the issue's tests of the outcome
     warnings: learning rate 1e-3 (five times the default) for 2 epochs takes the JSON form and loses knowledge,
     and is told so; a run whose data refuses innocent prompts too is flagged for over-refusal, with both shares.
-    The other runs (defaults, replay, the two %%sft -> %%dpo chains on refusals) train one step here."""
+    The other runs (defaults, replay, the reasoning-first form, the two %%sft -> %%dpo chains on refusals) train
+    one step here."""
     monkeypatch.setenv("NBALIGN_QUICK", "1")
     nb = execute_notebook("07_alignment_tax.ipynb", tmp_path, kernel_name, timeout=900)
     assert_no_errors(nb)
-    runs = {name: Run(tmp_path / "runs" / name) for name in ("forgets", "defaults", "replay", "refuse-sft", "refuse-dpo",
-                                                             "refuse-long", "refuse-fix", "scared")}
+    runs = {name: Run(tmp_path / "runs" / name) for name in ("forgets", "defaults", "replay", "reasoned", "refuse-sft",
+                                                             "refuse-dpo", "refuse-long", "refuse-fix", "scared")}
     assert all(r.status == "finished" for r in runs.values()), {k: r.status for k, r in runs.items()}
 
     forgets = runs["forgets"].evaluation
@@ -184,7 +185,7 @@ def test_alignment_tax_notebook_flags_the_run_that_forgets_and_the_run_that_over
     assert any(w.startswith("Over-refusal") for w in scared.warnings), scared.warnings
 
     # The other runs train one step each (0.1 epochs) and measure nothing in quick mode.
-    others = ("defaults", "replay", "refuse-sft", "refuse-dpo", "refuse-long", "refuse-fix")
+    others = ("defaults", "replay", "reasoned", "refuse-sft", "refuse-dpo", "refuse-long", "refuse-fix")
     assert all(runs[k].summary["steps"] == 1 for k in others), {k: runs[k].summary.get("steps") for k in others}
     # The evaluation's HTML is what the cells show: the table, the warnings, model text escaped.
     page = json.dumps([o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code"
