@@ -26,7 +26,7 @@ def demo(out: str, epochs: float | None, reasoning: bool = False) -> int:
     epochs = epochs or (REASONING_EPOCHS if reasoning else None)
     options = {"epochs": epochs} if epochs else {}
     # nbalign's defaults throughout: the %sft line with --data, --eval-data and --out and nothing else (and, for the
-    # reasoning-first form, `epochs: 6`).
+    # reasoning-first form, REASONING_EPOCHS).
     run = nbalign.sft(train, eval_data=heldout, out=out, overwrite=True, **options)
     evaluation = run.evaluation
     if evaluation is None:
@@ -42,9 +42,9 @@ def demo(out: str, epochs: float | None, reasoning: bool = False) -> int:
     print(f"\nheld-out answers the base got right and the tuned model got wrong: {len(lost)}"
           + (f" ({'; '.join(lost)})" if lost else ""))
     print(run)
-    if not reasoning and any("the form itself seems to cost" in w for w in evaluation.warnings):
+    if not reasoning and evaluation.form_costs_content:
         print("\nThe same data with a first field that leads up to the answer keeps the held-out answers: python -m "
-              "nbalign demo --reasoning (6 epochs, a few minutes).")
+              f"nbalign demo --reasoning ({REASONING_EPOCHS:g} epochs, a few minutes).")
     return 0 if run.status == "finished" else 1
 
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="LoRA SFT of the built-in model on a JSON answer format")
     d.add_argument("--out", default=None, help=f"the run folder (default {DEMO_OUT}, or {DEMO_OUT}-reasoning)")
     d.add_argument("--epochs", type=float, default=None,
-                   help="default: %%sft's own default (6 with --reasoning)")
+                   help=f"default: %%sft's own default ({REASONING_EPOCHS:g} with --reasoning)")
     d.add_argument("--reasoning", action="store_true",
                    help="the same answers with a first field that leads up to them: the form that keeps them right")
     r = sub.add_parser("runs", help="list past runs")

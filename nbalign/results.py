@@ -121,13 +121,24 @@ class Evaluation:
             )
         return notes + self._outcome_warnings()
 
+    @property
+    def form_lost_content(self) -> bool:
+        """The answers took the reference form and fewer carry its content (a tenth of the answers, at least one)."""
+        b, a = self.before, self.after
+        return a.get("form_n", 0) > b.get("form_n", 0) and drop(b, a, "content") >= max(1, round(0.1 * a.get("n", 0)))
+
+    @property
+    def form_costs_content(self) -> bool:
+        """form_lost_content, and prompting in that form lost the answers too: the form, not the training, is why."""
+        return self.form_lost_content and form_costs_content(self.before, self.baseline, self.after)
+
     def _outcome_warnings(self) -> list[str]:
         """What the behaviour asked for changed, and what it cost: form against content, the probe, refusals."""
         b, a, notes = self.before, self.after, []
         fix = "lower the learning rate or epochs, or mix general data back in (replay: 0.2)"
         p = self.baseline
-        if a.get("form_n", 0) > b.get("form_n", 0) and drop(b, a, "content") >= max(1, round(0.1 * a.get("n", 0))):
-            if form_costs_content(b, p, a):
+        if self.form_lost_content:
+            if self.form_costs_content:
                 cause = (
                     f"{p['k']}-shot prompting in that form, with no training, carries fewer too ({shown(b, 'content')}"
                     f" -> {shown(p, 'content')}), and the tuned model about as many: the form itself seems to cost this "
