@@ -1,5 +1,6 @@
-"""`python -m nbalign demo`: a real LoRA SFT run on the built-in model, with base vs tuned answers (`--reasoning`:
-the same task in a form that leads up to each answer, which keeps the held-out answers right).
+"""`python -m nbalign demo`: a real LoRA SFT run on the built-in model on nbalign's defaults, with base vs tuned
+answers, in a JSON form that leads up to each answer (`--answer-first`: the answer as the first field, the form
+that costs this model its facts).
 `python -m nbalign runs`: list past runs.
 `python -m nbalign run runs/x/spec.json --out runs/x2`: the same run again, in this process, from the file."""
 
@@ -9,25 +10,19 @@ import argparse
 import os
 import sys
 
-
-# The reasoning-first form's target is three times longer than the answer-first one's: 3 epochs (21 steps) have
-# not learnt it yet (0/16 in form, measured); 6 (42 steps) give 16/16 in form and 10/16 right (tests/test_behaviour.py).
-REASONING_EPOCHS = 6.0
 DEMO_OUT = "runs/demo-json-sft"
 
 
-def demo(out: str, epochs: float | None, reasoning: bool = False) -> int:
+def demo(out: str, epochs: float | None, answer_first: bool = False) -> int:
     import nbalign
     from nbalign.examples import json_answers
 
+    reasoning = not answer_first
     train, heldout = json_answers("train", reasoning), json_answers("heldout", reasoning)
-    form = '{"reasoning": ..., "answer": ..., "category": ...}' if reasoning else "one-line JSON"
+    form = '{"reasoning": ..., "answer": ..., "category": ...}' if reasoning else '{"answer": ..., "category": ...}'
     print(f"Teaching smollm2-135m to answer as {form}: {len(train)} examples, {len(heldout)} held out.")
-    epochs = epochs or (REASONING_EPOCHS if reasoning else None)
-    options = {"epochs": epochs} if epochs else {}
-    # nbalign's defaults throughout: the %sft line with --data, --eval-data and --out and nothing else (and, for the
-    # reasoning-first form, REASONING_EPOCHS).
-    run = nbalign.sft(train, eval_data=heldout, out=out, overwrite=True, **options)
+    # nbalign's defaults throughout: the %sft line with --data, --eval-data and --out and nothing else.
+    run = nbalign.sft(train, eval_data=heldout, out=out, overwrite=True, **({"epochs": epochs} if epochs else {}))
     evaluation = run.evaluation
     if evaluation is None:
         print(run)
@@ -42,9 +37,9 @@ def demo(out: str, epochs: float | None, reasoning: bool = False) -> int:
     print(f"\nheld-out answers the base got right and the tuned model got wrong: {len(lost)}"
           + (f" ({'; '.join(lost)})" if lost else ""))
     print(run)
-    if not reasoning and evaluation.form_costs_content:
+    if answer_first and evaluation.form_costs_content:
         print("\nThe same data with a first field that leads up to the answer keeps the held-out answers: python -m "
-              f"nbalign demo --reasoning ({REASONING_EPOCHS:g} epochs, a few minutes).")
+              "nbalign demo (the default form).")
     return 0 if run.status == "finished" else 1
 
 
@@ -52,11 +47,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nbalign")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="LoRA SFT of the built-in model on a JSON answer format")
-    d.add_argument("--out", default=None, help=f"the run folder (default {DEMO_OUT}, or {DEMO_OUT}-reasoning)")
-    d.add_argument("--epochs", type=float, default=None,
-                   help=f"default: %%sft's own default ({REASONING_EPOCHS:g} with --reasoning)")
-    d.add_argument("--reasoning", action="store_true",
-                   help="the same answers with a first field that leads up to them: the form that keeps them right")
+    d.add_argument("--out", default=None, help=f"the run folder (default {DEMO_OUT}, or {DEMO_OUT}-answer-first)")
+    d.add_argument("--epochs", type=float, default=None, help="default: %%sft's own default")
+    d.add_argument("--answer-first", action="store_true",
+                   help="the same answers as the first field, with no sentence before them: the form that costs this "
+                        "model its facts")
     r = sub.add_parser("runs", help="list past runs")
     r.add_argument("root", nargs="?", default="runs")
     p = sub.add_parser("run", help="train a saved spec again: a run folder or its spec.json")
@@ -68,8 +63,8 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "demo":
-            out = args.out or (f"{DEMO_OUT}-reasoning" if args.reasoning else DEMO_OUT)
-            return demo(out, args.epochs, args.reasoning)
+            out = args.out or (f"{DEMO_OUT}-answer-first" if args.answer_first else DEMO_OUT)
+            return demo(out, args.epochs, args.answer_first)
         import nbalign
 
         if args.command == "run":

@@ -52,18 +52,19 @@ def test_sft_teaches_the_builtin_model_a_one_line_json_format(json_sft_run):
         assert named, evaluation.warnings
 
 
-def test_a_form_that_leads_up_to_the_answer_keeps_the_held_out_answers_right(in_tmp):
-    """The same task in a form with a first field that restates the question, {"reasoning": "The capital of Poland
-    is Warsaw.", "answer": "Warsaw", ...} (json_answers(reasoning=True)): the built-in model learns the form AND
-    carries at least as many right answers as its own prose did, which the answer-first form never reached.
-    Measured (content: both fields must hold the reference's words): batch size 4, 3 epochs, 39 steps: form 0/16 ->
-    16/16, content 7/16 -> 10/16 in bf16 autocast and in fp32 alike; 6 epochs at batch size 8 (42 steps, the demo's
-    and notebook 07's run): 16/16 and 10/16; 4 epochs at 8: 13/16 and 9/16; the defaults (3 epochs at 8, 21 steps)
-    have not learnt the three-times-longer target yet (0/16 in form, 8/16 right); 3-shot prompting in this form
-    15/16 and 8/16. The knowledge probe still drops (20/20 -> 13-14/20; not measured here)."""
+def test_the_demo_task_on_the_line_defaults_keeps_the_held_out_answers_right(in_tmp):
+    """Issue 9's target on `%sft --data chats --out runs/x` with nothing else: the demo's data (json_answers with
+    reasoning=True: {"reasoning": "The capital of Poland is Warsaw.", "answer": "Warsaw", ...}, a first field that
+    restates the question) learnt in form on >= 80% of the held-out prompts AND right on at least as many as the
+    base's own prose. Measured (content: both fields must hold the reference's words): the defaults choose 4 rows per
+    step on these 51 rows (39 steps; specs.DEFAULT_BATCH): form 0/16 -> 16/16, content 7/16 -> 10/16, in bf16
+    autocast and in fp32 alike. At 8 rows per step (21 steps) the three-times-longer target was not learnt yet
+    (0/16 in form); in the answer-first form no setting reached the base's 7 (test above). The knowledge probe still
+    drops (20/20 -> 13/20; not measured here: probe=False, like eval_points=0 and fewshot=0, changes only what is
+    evaluated, not the training)."""
     train, heldout = json_answers("train", reasoning=True), json_answers("heldout", reasoning=True)
-    # Batch size 4 at the default 3 epochs (39 steps): the same result as 6 epochs at 8 (42 steps) for half the work.
-    run = nbalign.sft(train, eval_data=heldout, out="runs/reasoned", batch_size=4, eval_points=0, fewshot=0, probe=False)
+    run = nbalign.sft(train, eval_data=heldout, out="runs/reasoned", eval_points=0, fewshot=0, probe=False)
+    assert run.spec["spec"]["batch_size"] == 4 and run.summary["steps"] == 39  # the defaults' choice, recorded for replay
     evaluation = run.evaluation
     before, after = evaluation.before, evaluation.after
     print(evaluation)

@@ -7,6 +7,7 @@ import pytest
 from helpers import chats, interrupt_at, live_models, moved_weights
 
 import nbalign
+from nbalign.clock import describe_times
 from nbalign.errors import NbalignError
 from nbalign.runfolder import read_metrics
 
@@ -253,7 +254,8 @@ def test_the_summary_says_where_the_time_went(tiny_model, in_tmp, monkeypatch, c
     assert times["evaluation"] >= 3 * 0.6, times  # before, at the middle step, after
     # The trainer's own clock holds the measurements made during training; the training phase does not.
     assert times["training"] <= run.summary["runtime_s"] - 2 * 0.6 + 0.2, (times, run.summary)
-    assert f"sft: finished after {sum(times.values()):.1f} s (loading" in capsys.readouterr().out
+    # The printed total is the phases' sum, in the clock's format ("9.8 s", or "18 s" on a loaded machine).
+    assert f"sft: finished after {describe_times(times)}" in capsys.readouterr().out
     page = run._repr_html_()
     assert page.index("<th style='text-align:left;padding-right:1em'>time</th>") < page.index(">model</th>")
     assert "| time | " in (run.path / "README.md").read_text()

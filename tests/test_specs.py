@@ -76,3 +76,34 @@ def test_probe_from_the_line_is_a_bool_and_a_bad_probe_is_refused_before_any_mod
     for bad in (3, "maybe", [{"q": "What is 2 plus 2?"}]):
         with pytest.raises(NbalignError, match="'probe' must be true, false, or a list"):
             SFTSpec.from_dict({"data": "x.jsonl", "probe": bad})
+
+
+def test_a_spec_without_batch_size_takes_fewer_rows_per_step_on_small_sft_data_and_records_them():
+    """8 rows per step, halved (to 4, then 2) while an SFT run would take fewer than MIN_STEPS optimizer steps; a
+    batch_size the cell gave, max_steps or gradient accumulation keep what they say; other methods keep 8."""
+    from nbalign.methods.config import planned_steps, with_batch_size
+    from nbalign.preference_specs import DPOSpec
+    from nbalign.specs import DEFAULT_BATCH, MIN_STEPS
+
+    def batch(spec, n, extra=None):
+        chosen = with_batch_size(spec, n, extra or {})
+        return chosen.batch_size, planned_steps(chosen, n, extra or {})
+
+    sft = SFTSpec(data="x.jsonl")
+    assert sft.batch_size is None
+    assert batch(sft, 51) == (4, 39)  # the demo's data: 21 steps at 8
+    assert batch(sft, 48) == (4, 36)  # the refusal data: 18 at 8
+    assert batch(sft, 12) == (2, 18)  # as few updates as 2 rows per step allow: never 1
+    assert batch(sft, 80) == (8, 30) and batch(sft, 1000)[0] == DEFAULT_BATCH  # enough steps at 8 already
+    assert batch(sft.replace(epochs=1), 51) == (2, 26)
+    assert all(steps >= MIN_STEPS or size == 2 for size, steps in (batch(sft, n) for n in range(1, 200)))
+    assert batch(sft.replace(batch_size=8), 51) == (8, 21)  # the cell's own choice
+    assert batch(sft, 51, {"max_steps": 5})[0] == 8 and batch(sft, 51, {"gradient_accumulation_steps": 2})[0] == 8
+    assert batch(DPOSpec(data="x.jsonl"), 51) == (8, 21)  # measured for SFT only: DPO at 4 over-refused more
+
+
+def test_sft_help_says_how_the_batch_size_is_chosen():
+    from nbalign.magics import build_parser
+
+    text = build_parser(SFTSpec, "%%sft", "").format_help()
+    assert "default 8, halved (to 4, then 2) while the data would give fewer than 30" in " ".join(text.split())

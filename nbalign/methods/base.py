@@ -25,7 +25,7 @@ from ..adapters import AdapterSpec
 from ..spec_fields import describe_data
 from ..specs import DATA_FIELDS, TrainSpec
 from .card import model_card
-from .config import checked_trl_fields, common_defaults, planned_steps, trl_config
+from .config import checked_trl_fields, common_defaults, planned_steps, trl_config, with_batch_size
 from .inputs import check_overwrite, in_memory_records, resume_spec
 from .launch import finished_run, is_main_process, launch, launched_here, world_size
 
@@ -157,6 +157,7 @@ def plan_run(method: Method, spec: TrainSpec) -> Plan:
     tokenizer = load_tokenizer(ref)
     prepared = method.prepare(spec, tokenizer)
     records = in_memory_records(spec)  # after prepare(), whose errors name the rows and the fix
+    spec = with_batch_size(spec, prepared.n_examples, extra)
     steps = method.planned_steps(spec, prepared.n_examples, extra)
     defaults = method.config_defaults(spec, device, steps, prepared)
     fields = config_class.__dataclass_fields__  # the order the trainer draws its batches in, for the estimate
@@ -199,7 +200,7 @@ def _run(method: Method, spec: TrainSpec) -> Run:
         processes = f" x {world_size()} processes" if world_size() > 1 else ""
         print(
             f"nbalign {method.name}: {plan.spec.model} on {plan.device}{processes} | {plan.adapter.describe()} | "
-            f"{plan.data.n_examples} examples, {plan.steps} steps | memory {plan.memory} -> {out}",
+            f"{plan.data.n_examples} examples, {plan.steps} steps of {plan.spec.batch_size} rows | memory {plan.memory} -> {out}",
             flush=True,
         )
     error = _train(method, plan, main)

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import NbalignError, unknown_option
 from ..runfolder import checkpoints_dir
 from ..spec_fields import coerce
-from ..specs import TrainSpec
+from ..specs import DEFAULT_BATCH, MIN_BATCH, MIN_STEPS, TrainSpec
 from .launch import world_size
 
 # Config fields nbalign sets from the run itself; a body that sets them would break the run folder.
@@ -72,6 +72,20 @@ def trl_config(config_class, spec: TrainSpec, out: Path, defaults: dict, extra: 
             f"{spec.where}: TRL's {config_class.__name__} refused these settings: {exc}",
             f"change the setting it names in the cell body (`{spec.where} --help` lists nbalign's own options).",
         ) from None
+
+
+def with_batch_size(spec: TrainSpec, n_examples: int, extra: dict) -> TrainSpec:
+    """The spec with its batch_size decided when the cell gave none: DEFAULT_BATCH, halved on small data for the
+    methods that ask for it (specs.DEFAULT_BATCH says why) while the run would take fewer than MIN_STEPS optimizer
+    steps. Recorded in spec.json, so a replay trains at the same batch. A run with max_steps or gradient
+    accumulation in its body keeps DEFAULT_BATCH: the cell chose its own step count."""
+    if spec.batch_size is not None:
+        return spec
+    batch = DEFAULT_BATCH
+    if spec.small_data_batches and not extra.get("max_steps") and not extra.get("gradient_accumulation_steps"):
+        while batch > MIN_BATCH and planned_steps(spec.replace(batch_size=batch), n_examples, extra) < MIN_STEPS:
+            batch //= 2
+    return spec.replace(batch_size=batch)
 
 
 def planned_steps(spec: TrainSpec, n_examples: int, extra: dict) -> int:
