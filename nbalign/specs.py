@@ -58,12 +58,14 @@ def _lr(value: float) -> str:
 # examples use with AdamW (LoRA 2e-4; IA3 3e-3, T-Few; prefix tuning 1e-2; prompt tuning 3e-2).
 FEW_PARAMETER_LR = {"ia3": 15, "prefix": 50, "prompt": 150}
 
-# Rows per step when a spec gives no batch_size. Methods with `small_data_batches` halve it (down to MIN_BATCH) while
-# the run would take fewer than MIN_STEPS optimizer steps: a small data set at 8 rows per step gives too few updates to
-# learn a long target (measured on the built-in model, 3 epochs: the demo's reasoning-first JSON, 51 rows, 21 steps at
-# 8 -> 0/16 held-out answers in the form, 39 steps at 4 -> 16/16; the refusal data, 48 rows: 18 steps -> 17% of the
-# harmful prompts refused and a degenerate answer, 36 steps -> 100%). Same epochs, so the same rows and tokens.
-DEFAULT_BATCH, MIN_BATCH, MIN_STEPS = 8, 2, 30
+# Rows per step when a spec gives no batch_size. Methods with `small_data_batches` take MIN_BATCH instead where the
+# run would take fewer than MIN_STEPS optimizer steps at DEFAULT_BATCH: a small data set at 8 rows per step gives too
+# few updates to learn a long target (measured on the built-in model, 3 epochs: the demo's reasoning-first JSON, 51
+# rows, 21 steps at 8 -> 0/16 held-out answers in the form, 39 steps at 4 -> 16/16; the refusal data, 48 rows: 18
+# steps -> 17% of the harmful prompts refused and a degenerate answer, 36 steps at 4 -> 100%). The same epochs, so the
+# same rows and tokens, in more steps; not below 4, which is what was measured (a first version went down to 2: the
+# suite's merge test, whose 2-epoch refusal run then took 48 steps of 2 instead of 12 of 8, ran 153 s instead of 115).
+DEFAULT_BATCH, MIN_BATCH, MIN_STEPS = 8, 4, 30
 
 
 @dataclass
@@ -116,8 +118,8 @@ class TrainSpec(Spec):
     @classmethod
     def help_values(cls) -> dict:
         adapter, full = cls.learning_rates
-        batch = (f"{DEFAULT_BATCH}, halved (to {DEFAULT_BATCH // 2}, then {MIN_BATCH}) while the data would give fewer "
-                 f"than {MIN_STEPS} optimizer steps" if cls.small_data_batches else str(DEFAULT_BATCH))
+        batch = (f"{DEFAULT_BATCH}, or {MIN_BATCH} where the data would give fewer than {MIN_STEPS} optimizer steps at "
+                 f"{DEFAULT_BATCH}" if cls.small_data_batches else str(DEFAULT_BATCH))
         return {"lr": f"{_lr(adapter)} with an adapter, {_lr(full)} for full fine-tuning", "batch": batch}
 
     def default_learning_rate(self) -> float:

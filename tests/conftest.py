@@ -45,7 +45,7 @@ LONGEST = {
     "test_labels_given_in_the_widget_train_dpo_to_move_the_answers_not_only_the_reward": 158,
     "test_dpo_notebook_runs_the_defaults_the_sweep_and_pure_dpo": 60,
     "test_sft_teaches_the_builtin_model_a_one_line_json_format": 113,
-    "test_a_form_that_leads_up_to_the_answer_keeps_the_held_out_answers_right": 80,
+    "test_the_demo_task_on_the_line_defaults_keeps_the_held_out_answers_right": 80,
     "test_lora_sft_notebook_runs_and_teaches_the_format": 57,
     "test_rlhf_notebook_trains_against_a_function_and_a_reward_model": 96,
     "test_kto_notebook_balances_thumbs_and_unpairs_pairs": 40,

@@ -79,8 +79,8 @@ def test_probe_from_the_line_is_a_bool_and_a_bad_probe_is_refused_before_any_mod
 
 
 def test_a_spec_without_batch_size_takes_fewer_rows_per_step_on_small_sft_data_and_records_them():
-    """8 rows per step, halved (to 4, then 2) while an SFT run would take fewer than MIN_STEPS optimizer steps; a
-    batch_size the cell gave, max_steps or gradient accumulation keep what they say; other methods keep 8."""
+    """8 rows per step, or 4 where an SFT run would take fewer than MIN_STEPS optimizer steps at 8; a batch_size the
+    cell gave, max_steps or gradient accumulation keep what they say; other methods keep 8."""
     from nbalign.methods.config import planned_steps, with_batch_size
     from nbalign.preference_specs import DPOSpec
     from nbalign.specs import DEFAULT_BATCH, MIN_STEPS
@@ -93,10 +93,11 @@ def test_a_spec_without_batch_size_takes_fewer_rows_per_step_on_small_sft_data_a
     assert sft.batch_size is None
     assert batch(sft, 51) == (4, 39)  # the demo's data: 21 steps at 8
     assert batch(sft, 48) == (4, 36)  # the refusal data: 18 at 8
-    assert batch(sft, 12) == (2, 18)  # as few updates as 2 rows per step allow: never 1
+    assert batch(sft, 12) == (4, 9)  # not below 4 rows per step: fewer were not measured, and cost more time
     assert batch(sft, 80) == (8, 30) and batch(sft, 1000)[0] == DEFAULT_BATCH  # enough steps at 8 already
-    assert batch(sft.replace(epochs=1), 51) == (2, 26)
-    assert all(steps >= MIN_STEPS or size == 2 for size, steps in (batch(sft, n) for n in range(1, 200)))
+    assert batch(sft.replace(epochs=1), 51) == (4, 13) and batch(sft.replace(epochs=6), 51) == (8, 42)
+    for n in range(1, 200):
+        assert batch(sft, n)[0] == (8 if batch(sft.replace(batch_size=8), n)[1] >= MIN_STEPS else 4), n
     assert batch(sft.replace(batch_size=8), 51) == (8, 21)  # the cell's own choice
     assert batch(sft, 51, {"max_steps": 5})[0] == 8 and batch(sft, 51, {"gradient_accumulation_steps": 2})[0] == 8
     assert batch(DPOSpec(data="x.jsonl"), 51) == (8, 21)  # measured for SFT only: DPO at 4 over-refused more
@@ -106,4 +107,4 @@ def test_sft_help_says_how_the_batch_size_is_chosen():
     from nbalign.magics import build_parser
 
     text = build_parser(SFTSpec, "%%sft", "").format_help()
-    assert "default 8, halved (to 4, then 2) while the data would give fewer than 30" in " ".join(text.split())
+    assert "default 8, or 4 where the data would give fewer than 30 optimizer steps at 8" in " ".join(text.split())

@@ -75,17 +75,15 @@ def trl_config(config_class, spec: TrainSpec, out: Path, defaults: dict, extra: 
 
 
 def with_batch_size(spec: TrainSpec, n_examples: int, extra: dict) -> TrainSpec:
-    """The spec with its batch_size decided when the cell gave none: DEFAULT_BATCH, halved on small data for the
-    methods that ask for it (specs.DEFAULT_BATCH says why) while the run would take fewer than MIN_STEPS optimizer
-    steps. Recorded in spec.json, so a replay trains at the same batch. A run with max_steps or gradient
-    accumulation in its body keeps DEFAULT_BATCH: the cell chose its own step count."""
+    """The spec with its batch_size decided when the cell gave none: DEFAULT_BATCH, or MIN_BATCH on small data for
+    the methods that ask for it, where the run would take fewer than MIN_STEPS optimizer steps at DEFAULT_BATCH
+    (specs.DEFAULT_BATCH says why). Recorded in spec.json, so a replay trains at the same batch. A run with
+    max_steps or gradient accumulation in its body keeps DEFAULT_BATCH: the cell chose its own step count."""
     if spec.batch_size is not None:
         return spec
-    batch = DEFAULT_BATCH
-    if spec.small_data_batches and not extra.get("max_steps") and not extra.get("gradient_accumulation_steps"):
-        while batch > MIN_BATCH and planned_steps(spec.replace(batch_size=batch), n_examples, extra) < MIN_STEPS:
-            batch //= 2
-    return spec.replace(batch_size=batch)
+    small = (spec.small_data_batches and not extra.get("max_steps") and not extra.get("gradient_accumulation_steps")
+             and planned_steps(spec.replace(batch_size=DEFAULT_BATCH), n_examples, extra) < MIN_STEPS)
+    return spec.replace(batch_size=MIN_BATCH if small else DEFAULT_BATCH)
 
 
 def planned_steps(spec: TrainSpec, n_examples: int, extra: dict) -> int:
