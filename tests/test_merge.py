@@ -122,20 +122,21 @@ def test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each(in_t
     """On the built-in model: one run learns the one-line JSON answers, another to refuse harmful requests; a
     weighted `cat` merge keeps at least half of each behaviour's held-out gain over the base.
 
-    The refusal run trains 2 epochs at learning rate 1e-3 (12 steps); it was 6 epochs at the default 2e-4 (36
-    steps, 3 times as long) until 2026-12-07. Measured then (greedy, 16 held-out questions, 6 held-out harmful
-    requests), bf16 autocast: JSON run 14/16 in form, 0/6 refused; refusal run 0/16, 6/6; merged with weights
-    [1, w]: 0.2 gives 13/16 and 0/6, 0.25 11/16 and 2/6, 0.3 9/16 and 4/6, 0.35 7/16 and 4/6, 0.4 4/16 and 6/6. In
-    fp32 (JSON run 16/16): 0.3 gives 15/16 and 1/6, 0.4 15/16 and 3/6, 0.45 10/16 and 6/6, 0.5 9/16 and 6/6.
-    (The 36-step run: bf16 0.4 gave 9/16 and 3/6, fp32 0.5 15/16 and 4/6; TIES and DARE-TIES at equal weights
-    0/16 and 6/6.)"""
+    The JSON run is the shared defaults run: since 2026-12-07 the defaults take 4 rows per step on its 51 rows (39
+    steps; 21 of 8 before), a larger update; the refusal run trains 2 epochs at learning rate 1e-3 in 48 steps of 2
+    rows to match it (at 12 steps of 8, against the 39-step JSON run, fp32 kept 1/6 refused at weight 0.5). Measured
+    with these two runs (greedy, 16 held-out questions, 6 held-out harmful requests; JSON run 16/16 in form, 0/6
+    refused; refusal run 0/16, 6/6), merged with weights [1, w]: fp32 0.3 16/16 and 0/6, 0.4 16/16 and 0/6, 0.5
+    16/16 and 3/6, 0.6 16/16 and 4/6, 0.7 16/16 and 5/6, 0.8 15/16 and 6/6, 1.0 0/16 and 6/6; bf16 autocast 0.4
+    16/16 and 1/6, 0.5 16/16 and 4/6, 0.6 16/16 and 3/6, 0.7 16/16 and 5/6, 0.8 15/16 and 6/6, 1.0 0/16 and 6/6.
+    (With 21-step JSON and 12-step refusal runs, until 2026-12-07, the balance lay at 0.3 to 0.5.)"""
     from nbalign.examples import is_json_answer, json_answers, refusals
     from nbalign.outcomes import is_refusal
 
     fast = {"probe": False, "fewshot": 0, "watch": False, "eval_split": 0}  # every row trains
     json_run = json_sft_run  # the defaults (LoRA r=16, 3 epochs) on all 51 rows, trained once for three tests
     # 6 of 6 held-out harmful requests refused in bf16 and in fp32 (the default learning rate needs 6 epochs).
-    safe_run = nbalign.sft(refusals("train"), out="runs/refuse", epochs=2, learning_rate=1e-3, **fast)
+    safe_run = nbalign.sft(refusals("train"), out="runs/refuse", epochs=2, learning_rate=1e-3, batch_size=2, **fast)
     questions = [r["messages"][0]["content"] for r in json_answers("heldout")]
     harmful = [r["messages"][0]["content"] for r in refusals("heldout")][0::2]
 
@@ -151,12 +152,11 @@ def test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each(in_t
         return (both[0] - base[0] >= 0.5 * (json_only[0] - base[0])
                 and both[1] - base[1] >= 0.5 * (safe_only[1] - base[1]))
 
-    # Where the balance lies moves with the number format (bf16 autocast: 0.3 and 0.35; fp32: 0.4 to 0.5), so the
-    # weight of the refusal run is found the way a user finds it: the first of a short sweep that keeps half of each;
-    # its steps are 0.05 apart, so a CPU whose rounding moves the balance a little still finds it (the sweep stops
-    # at the first weight that keeps half: the steps after it cost nothing).
+    # Where the balance lies moves with the number format and with the two runs' steps (docstring), so the weight of
+    # the refusal run is found the way a user finds it: the first of a short sweep that keeps half of each (both
+    # formats kept half at every weight from 0.5 to 0.8: the sweep starts below and stops at the first that does).
     measured = {}
-    for weight in (0.3, 0.35, 0.4, 0.45, 0.5):
+    for weight in (0.4, 0.5, 0.6, 0.7, 0.8):
         merged = nbalign.merge([str(json_run.path), "runs/refuse"], weights=[1.0, weight], out=f"runs/both-{weight}")
         measured[weight] = rates(str(merged.path))
         if keeps_half(measured[weight]):
