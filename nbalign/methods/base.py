@@ -200,7 +200,8 @@ def _run(method: Method, spec: TrainSpec) -> Run:
         processes = f" x {world_size()} processes" if world_size() > 1 else ""
         print(
             f"nbalign {method.name}: {plan.spec.model} on {plan.device}{processes} | {plan.adapter.describe()} | "
-            f"{plan.data.n_examples} examples, {plan.steps} steps of {plan.spec.batch_size} rows | memory {plan.memory} -> {out}",
+            f"{plan.data.n_examples} examples, {plan.steps} steps of {plan.spec.batch_size} rows | "
+            f"memory {plan.memory} -> {out}",
             flush=True,
         )
     error = _train(method, plan, main)
