@@ -64,7 +64,7 @@ def test_the_demo_task_on_the_line_defaults_keeps_the_held_out_answers_right(in_
     evaluated, not the training)."""
     train, heldout = json_answers("train", reasoning=True), json_answers("heldout", reasoning=True)
     run = nbalign.sft(train, eval_data=heldout, out="runs/reasoned", eval_points=0, fewshot=0, probe=False)
-    assert run.spec["spec"]["batch_size"] == 4 and run.summary["steps"] == 39  # the defaults' choice, recorded for replay
+    assert run.spec["spec"]["batch_size"] == 4 and run.summary["steps"] == 39  # the defaults' choice, for replay
     evaluation = run.evaluation
     before, after = evaluation.before, evaluation.after
     print(evaluation)
