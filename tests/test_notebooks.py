@@ -162,9 +162,8 @@ def test_alignment_tax_notebook_flags_the_run_that_forgets_and_the_run_that_over
     """Tutorial 07 in quick mode. Its two runs that make the point are the issue's tests of the outcome
     warnings: learning rate 1e-3 (five times the default) for 2 epochs takes the JSON form and loses knowledge,
     and is told so; a run whose data refuses innocent prompts too is flagged for over-refusal, with both shares.
-    Both train at 8 rows per step here (13 and 12 steps; the small-data default's 4 rows doubled their steps and
-    this test's time). The other runs (defaults, replay, the reasoning-first form, the two %%sft -> %%dpo chains on
-    refusals) train one step here."""
+    The other runs (defaults, replay, the reasoning-first form, the two %%sft -> %%dpo chains on refusals) train
+    one step here."""
     monkeypatch.setenv("NBALIGN_QUICK", "1")
     nb = execute_notebook("07_alignment_tax.ipynb", tmp_path, kernel_name, timeout=900)
     assert_no_errors(nb)
