@@ -174,9 +174,18 @@ def test_alignment_tax_notebook_flags_the_run_that_forgets_and_the_run_that_over
     forgets = runs["forgets"].evaluation
     before, after = forgets.before, forgets.after
     assert after["form_n"] >= 6 > before["form_n"]  # the behaviour asked for was learnt (8 held out)...
-    assert after["probe_n"] < before["probe_n"] - 4  # ...and knowledge went with it
+    # ...and knowledge went with it, and the run says so: each warning where its own rule finds a loss, at least
+    # one of them. What this run loses moves between runs near both rules' edges: the stored full run lost the
+    # probe (20/20 -> 14/20) and kept the held-out facts (7 -> 7); quick mode in bf16 on 2026-12-07 gave probe 18/20
+    # -> 12/20 (warned) with the facts kept, then 18 -> 14 (not significant) with the facts 4/8 -> 3/8 (warned).
+    from nbalign.results import significant_loss
+
+    assert after["probe_n"] <= before["probe_n"] - 3
     text = " ".join(forgets.warnings)
-    assert "knowledge probe dropped" in text and "lost the facts" in text, forgets.warnings
+    probe_dropped = significant_loss(before["probe_right"], after["probe_right"])
+    assert ("knowledge probe dropped" in text) == probe_dropped, forgets.warnings
+    assert ("lost the facts" in text) == forgets.form_lost_content, forgets.warnings
+    assert probe_dropped or forgets.form_lost_content, forgets.warnings
 
     scared = runs["scared"].evaluation
     assert scared.after["refused"] >= 0.8  # the harmful prompts are refused...
