@@ -27,6 +27,24 @@ def lively_model(smollm2_dir, tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def sliding_model(smollm2_dir, tmp_path_factory) -> str:
+    """The same with sliding-window attention (Mistral): its cache cannot drop rows, so ended rows stay in the batch
+    and only their tokens are dropped."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    folder = tmp_path_factory.mktemp("sliding-mistral")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, sliding_window=16,
+                           tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def _model_and_batch(folder, lora=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,9 +73,9 @@ def _ended_at_different_steps(model, batch, tokenizer) -> list[int]:
     return ends
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_dropping_ended_rows_gives_generates_greedy_tokens(lively_model, lora):
-    model, tokenizer, batch = _model_and_batch(lively_model, lora)
+@pytest.mark.parametrize("kind, lora", [("lively", False), ("lively", True), ("sliding", False)])
+def test_dropping_ended_rows_gives_generates_greedy_tokens(request, kind, lora):
+    model, tokenizer, batch = _model_and_batch(request.getfixturevalue(f"{kind}_model"), lora)
     ends = _ended_at_different_steps(model, batch, tokenizer)
     pad = tokenizer.pad_token_id
     assert generation.plain_greedy(model, {"do_sample": False, "pad_token_id": pad, "temperature": None})
