@@ -35,8 +35,9 @@ def _check(run, label):
 # 32-token answers (a terse answer takes about 8; the base model's prose is cut at 32 before and after alike).
 # Halving the answer length cut one after-training measurement on the 16 pairs from 58 s to 46 s (one thread,
 # measured). Smaller training sets do not teach the style: 26 pairs (12 DPO steps) or 43 thumbs (18 KTO steps)
-# left 1 of 16 held-out answers terse.
-WATCH = {"eval_points": 0, "eval_max_new_tokens": 32}
+# left 1 of 16 held-out answers terse. No prompting baseline (fewshot=0): it changes only what is evaluated, and
+# nothing here reads it (3-shot prompts on the 8 held-out pairs, about 5 s).
+WATCH = {"eval_points": 0, "eval_max_new_tokens": 32, "fewshot": 0}
 # Two held-out pairs per category (8 of 16): the watch's cost grows with them (one after-training measurement,
 # 32 tokens: 46 s for 16 pairs, 25 s for 8, one thread), and the full set left no doubt: DPO went from 0/16 to
 # 16/16 terse answers, 140 -> 14 characters, accuracy 1.0 (64 tokens, measured here); KTO 16/16 (preference_specs).
