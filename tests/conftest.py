@@ -38,29 +38,30 @@ def pytest_collection_modifyitems(config, items):
 
 
 # Seconds the longest tests took in `make test` (one thread each, bf16 CPU): a scheduling hint only. A wrong or
-# missing entry costs time, never a result; other slow tests count as 40 s, fast ones as 1 s.
+# missing entry costs time, never a result; other slow tests count as 40 s, fast ones as 1 s. Measured
+# 2026-12-08.
 LONGEST = {
-    "test_alignment_tax_notebook_flags_the_run_that_forgets_and_the_run_that_over_refuses": 215,
-    "test_kto_from_thumbs_reaches_the_same_target": 187,
-    "test_labels_given_in_the_widget_train_dpo_to_move_the_answers_not_only_the_reward": 158,
-    "test_dpo_notebook_runs_the_defaults_the_sweep_and_pure_dpo": 60,
+    "test_alignment_tax_notebook_flags_the_run_that_forgets_and_the_run_that_over_refuses": 220,
+    "test_kto_from_thumbs_reaches_the_same_target": 173,
+    "test_labels_given_in_the_widget_train_dpo_to_move_the_answers_not_only_the_reward": 135,
+    "test_dpo_notebook_runs_the_defaults_the_sweep_and_pure_dpo": 49,
     "test_sft_teaches_the_builtin_model_a_one_line_json_format": 113,
-    "test_the_demo_task_on_the_line_defaults_keeps_the_held_out_answers_right": 80,
+    "test_the_demo_task_on_the_line_defaults_keeps_the_held_out_answers_right": 113,
     "test_lora_sft_notebook_runs_and_teaches_the_format": 57,
-    "test_rlhf_notebook_trains_against_a_function_and_a_reward_model": 96,
-    "test_kto_notebook_balances_thumbs_and_unpairs_pairs": 40,
+    "test_rlhf_notebook_trains_against_a_function_and_a_reward_model": 93,
+    "test_kto_notebook_balances_thumbs_and_unpairs_pairs": 49,
     "test_grpo_with_a_brevity_reward_shortens_answers_with_bounded_kl": 73,
-    "test_reward_model_notebook_trains_scores_and_shows_where_it_fails": 68,
-    "test_label_and_align_notebook_labels_model_answers_and_trains_on_them": 39,
-    "test_reward_model_learns_the_terse_style_on_the_builtin_model": 61,
-    "test_the_estimate_is_within_a_quarter_of_the_measured_peak": 94,
-    "test_two_cpu_processes_under_accelerate_reach_the_single_process_loss": 22,
+    "test_reward_model_notebook_trains_scores_and_shows_where_it_fails": 63,
+    "test_label_and_align_notebook_labels_model_answers_and_trains_on_them": 45,
+    "test_reward_model_learns_the_terse_style_on_the_builtin_model": 54,
+    "test_the_estimate_is_within_a_quarter_of_the_measured_peak": 106,
+    "test_two_cpu_processes_under_accelerate_reach_the_single_process_loss": 25,
     # Without its shared JSON run, which counts under test_sft_teaches_the_builtin_model_a_one_line_json_format.
-    "test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each": 115,
-    "test_each_type_moves_the_builtin_model_toward_the_data": 55,
-    "test_the_builtin_model_tuned_exports_to_gguf_and_gives_the_runs_greedy_answers": 55,
-    "test_merge_and_export_notebook_merges_compares_chats_and_exports": 153,
-    "test_peft_family_notebook_trains_each_type_and_plots_cost_and_result": 103,
+    "test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each": 100,
+    "test_each_type_moves_the_builtin_model_toward_the_data": 64,
+    "test_the_builtin_model_tuned_exports_to_gguf_and_gives_the_runs_greedy_answers": 44,
+    "test_merge_and_export_notebook_merges_compares_chats_and_exports": 135,
+    "test_peft_family_notebook_trains_each_type_and_plots_cost_and_result": 85,
 }
 
 
