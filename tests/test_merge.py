@@ -154,7 +154,8 @@ def test_merging_a_format_adapter_with_a_refusal_adapter_keeps_half_of_each(in_t
 
     # Where the balance lies moves with the number format and with the two runs' steps (docstring), so the weight of
     # the refusal run is found the way a user finds it: the first of a short sweep that keeps half of each (both
-    # formats kept half at every weight from 0.5 to 0.8, and neither at 0.4: the sweep stops at the first that does).
+    # formats kept half at every weight from 0.5 to 0.8; at 0.4 the refusals fell below half: the sweep stops at the
+    # first weight that keeps half of each).
     measured = {}
     for weight in (0.5, 0.6, 0.7, 0.8):
         merged = nbalign.merge([str(json_run.path), "runs/refuse"], weights=[1.0, weight], out=f"runs/both-{weight}")
