@@ -9,40 +9,40 @@ import torch
 from nbalign import generation
 
 
-@pytest.fixture(scope="module")
-def lively_model(smollm2_dir, tmp_path_factory) -> str:
-    """A 2-layer random Llama with the SmolLM2 tokenizer whose greedy tokens depend on its input (the suite's tiny
-    model, initialised at transformers' small default scale, says one token whatever it is asked)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def _save_random(tmp_path_factory, smollm2_dir, name: str, config_class, model_class, **extra) -> str:
+    """A 2-layer random model of `model_class` with the SmolLM2 tokenizer, initialised at a scale (0.3) where its
+    greedy tokens depend on its input (the suite's tiny model, at transformers' small default scale, says one token
+    whatever it is asked)."""
+    from transformers import AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("lively-llama")
+    folder = tmp_path_factory.mktemp(name)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
-                         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                          tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **extra)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model_class(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def lively_model(smollm2_dir, tmp_path_factory) -> str:
+    """A random Llama whose greedy tokens depend on its input."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _save_random(tmp_path_factory, smollm2_dir, "lively-llama", LlamaConfig, LlamaForCausalLM)
 
 
 @pytest.fixture(scope="module")
 def sliding_model(smollm2_dir, tmp_path_factory) -> str:
     """The same with sliding-window attention (Mistral): its cache cannot drop rows, so ended rows stay in the batch
     and only their tokens are dropped."""
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM
 
-    folder = tmp_path_factory.mktemp("sliding-mistral")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, sliding_window=16,
-                           tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    MistralForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return _save_random(tmp_path_factory, smollm2_dir, "sliding-mistral", MistralConfig, MistralForCausalLM,
+                        sliding_window=16)
 
 
 def _model_and_batch(folder, lora=False):

@@ -127,12 +127,13 @@ def test_the_estimate_counts_the_batches_the_trainer_will_draw(tiny_model, in_tm
     batches = predicted[0]
     assert len(set(batches)) > 2 and len(batches) == run.summary["steps"]
     # The run's forwards: one per batch, the reward model's evaluation after them; KTO's per step: its KL
-    # completions' forward first, then the batch's. KTO's 3 epochs precompute the reference's log-probs first, in
-    # TRL's constructor: one pass over the batches of the first epoch (sequential), two forwards each, flattened too.
+    # completions' forward first, then the batch's. KTO's epochs (3, the default) precompute the reference's
+    # log-probs first, in TRL's constructor: one pass over the first epoch's batches (sequential), two forwards each,
+    # flattened too.
     if method == "kto":
         assert run.spec["trl_config"]["precompute_ref_log_probs"]
         reference, computed = computed[: len(computed) - 2 * len(batches)], computed[-2 * len(batches):]
-        per_epoch = len(batches) // 3
+        per_epoch = len(batches) // int(run.spec["spec"]["epochs"])
         assert reference[1::2] == batches[:per_epoch], reference
     trained = computed[1::2] if method == "kto" else computed[: len(batches)]
     assert trained == batches, computed
